@@ -1,0 +1,156 @@
+//! Command-line grammar.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Strata: versioned, deduplicated disk images.
+///
+/// The store is found from --store, then $STRATA_STORE, then
+/// $XDG_DATA_HOME/strata/store (usually ~/.local/share/strata/store).
+#[derive(Parser, Debug)]
+#[command(name = "strata", version, propagate_version = true)]
+pub struct Cli {
+    /// Path of the store.
+    #[arg(long, global = true, env = "STRATA_STORE", value_name = "PATH")]
+    pub store: Option<PathBuf>,
+    /// Print machine-readable JSON on stdout instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// No progress bars.
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create a new, empty store.
+    Init {
+        /// Where to create it (default: the store path from --store, $STRATA_STORE or
+        /// the default location).
+        path: Option<PathBuf>,
+    },
+    /// Import a disk image file as a new version of IMAGE (on its BRANCH, default main).
+    Import(ImportArgs),
+    /// Write a version of an image to a file.
+    Export(ExportArgs),
+    /// List images with their branches and tags.
+    Images,
+    /// Show the history of a branch or version.
+    Log {
+        /// IMAGE, IMAGE:BRANCH or IMAGE@REV.
+        spec: String,
+        /// Show at most this many versions.
+        #[arg(short = 'n', long, default_value_t = 50)]
+        max_count: usize,
+    },
+    /// Show one version in detail.
+    Show {
+        /// IMAGE@REV (or IMAGE for the tip of main).
+        spec: String,
+    },
+    /// Create, delete or list tags.
+    #[command(subcommand)]
+    Tag(RefCommand),
+    /// Create, delete or list branches.
+    #[command(subcommand)]
+    Branch(RefCommand),
+    /// Make a new image from a version, sharing every block (costs nothing).
+    Clone {
+        /// IMAGE@REV to start from.
+        from: String,
+        /// Name of the new image.
+        new: String,
+    },
+    /// Delete an image and its refs (its data is reclaimed by the next gc).
+    Rm {
+        image: String,
+    },
+    /// Show which byte ranges differ between two versions.
+    Diff {
+        /// IMAGE@REV
+        a: String,
+        /// IMAGE@REV
+        b: String,
+        /// Print totals only, not every range.
+        #[arg(long)]
+        stat: bool,
+    },
+    /// Logical and stored bytes of the whole store, with dedup and compression ratios.
+    Stats,
+    /// Remove everything that no branch or tag reaches.
+    Gc,
+    /// Re-read and re-hash everything; name damaged objects and the versions they hurt.
+    Verify,
+    /// Make a store with a sample image, two versions, and show log, diff and stats.
+    Quickstart {
+        /// Directory for the demo store (default: a new temporary directory).
+        dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct ImportArgs {
+    /// Disk image file (raw, qcow2; vmdk, vhdx, vdi, vpc through qemu-img).
+    pub file: PathBuf,
+    /// IMAGE or IMAGE:BRANCH.
+    pub target: String,
+    /// Message recorded with the version.
+    #[arg(short, long, default_value = "")]
+    pub message: String,
+    /// Format of FILE (default: detected from its content).
+    #[arg(short, long)]
+    pub format: Option<String>,
+    /// Block size of a new image (power of two, 4K to 4M).
+    #[arg(long, value_parser = parse_size)]
+    pub block_size: Option<u64>,
+    /// Author recorded with the version (default: $USER@hostname).
+    #[arg(long)]
+    pub author: Option<String>,
+    /// How deep a qcow2 backing chain may go.
+    #[arg(long, default_value_t = 16)]
+    pub max_backing_depth: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// IMAGE or IMAGE@REV.
+    pub spec: String,
+    /// Output file (must not exist unless --force).
+    pub file: PathBuf,
+    /// Output format: raw or qcow2.
+    #[arg(short, long, default_value = "raw")]
+    pub format: String,
+    /// Replace FILE if it exists.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RefCommand {
+    /// List them.
+    Ls { image: String },
+    /// Create NAME at IMAGE@REV.
+    Add { spec: String, name: String },
+    /// Delete NAME of IMAGE.
+    Rm { image: String, name: String },
+}
+
+/// Parse "65536", "64K", "64k", "4M", "4MiB".
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t.strip_suffix("iB").or_else(|| t.strip_suffix('B')).unwrap_or(t);
+    let (num, mult) = match t.chars().last() {
+        Some('k' | 'K') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('m' | 'M') => (&t[..t.len() - 1], 1 << 20),
+        Some('g' | 'G') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
+    };
+    num.trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("{s:?} is not a size (e.g. 65536, 64K, 4M)"))
+}

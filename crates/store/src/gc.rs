@@ -1,0 +1,402 @@
+//! Garbage collection: remove what no ref reaches, while other processes keep writing.
+//!
+//! 1. **Dead sessions.** A session whose process is gone (its lock file is no longer
+//!    flock'ed) loses its pins and pack registrations; its unfinished temporary packs
+//!    are deleted.
+//! 2. **Mark** (no lock held). Starting from every ref and every pin of a live session,
+//!    walk versions (with their ancestors), tree nodes and data, recording the catalog
+//!    row of every object reached in a compressed bitmap — about one bit per object,
+//!    so millions of objects need a few MB.
+//! 3. **Sweep decision** (one write transaction). Refs and pins may have changed during
+//!    the mark, so both are read again and whatever is new is marked (only new
+//!    subtrees are walked). Still inside the transaction, every unmarked object outside
+//!    packs that live sessions are writing is removed from the index. A session that
+//!    finds an object present pins it in the same kind of transaction, so it either
+//!    pinned before this point (and the object was marked) or finds it gone afterwards
+//!    (and writes it again) — see [`crate::session`].
+//! 4. **Reclaim.** Packs left without live objects are deleted; packs with more than
+//!    [`REWRITE_DEAD_FRACTION`] dead bytes are rewritten with their live objects only,
+//!    the index switched to the new copy in one transaction, then the old file deleted.
+//!    Readers that raced the switch look the object up again.
+//! 5. **Orphans.** Pack files that no index row and no live session claims (left by a
+//!    process killed between writing a pack and indexing it) are deleted.
+//!
+//! Every step is safe to interrupt with `kill -9`: the index only ever points at
+//! complete packs, and whatever an interrupted gc leaves is found by the next one.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+
+use roaring::RoaringTreemap;
+use rusqlite::{params, Connection};
+use serde::Serialize;
+
+use crate::catalog;
+use crate::error::{IoContext, Result, StoreError};
+use crate::id::{ChunkId, ObjectKind};
+use crate::pack;
+use crate::session::{end_session, WriteSession};
+use crate::store::Store;
+use crate::tree::{Entry, Node};
+use crate::version::Version;
+
+/// A pack is rewritten once more than this fraction of its bytes is dead.
+pub const REWRITE_DEAD_FRACTION: f64 = 0.25;
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct GcReport {
+    pub dead_sessions: u64,
+    pub marked_objects: u64,
+    pub deleted_objects: u64,
+    pub deleted_versions: u64,
+    pub packs_deleted: u64,
+    pub packs_rewritten: u64,
+    pub orphan_packs_deleted: u64,
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+}
+
+/// Phases reported to a progress display.
+#[derive(Clone, Copy, Debug)]
+pub enum GcPhase {
+    Mark,
+    Sweep,
+    Rewrite,
+}
+
+struct Marker<'a> {
+    store: &'a Store,
+    marks: RoaringTreemap,
+}
+
+impl Marker<'_> {
+    /// Mark `roots` and everything they reach. Objects already marked are not walked
+    /// again, which is what makes the second pass cheap.
+    fn mark(&mut self, conn: &Connection, roots: &[ChunkId]) -> Result<()> {
+        let mut stack: Vec<ChunkId> = roots.to_vec();
+        while let Some(id) = stack.pop() {
+            let loc = catalog::locate(conn, &id)?.ok_or(StoreError::MissingObject {
+                id,
+                kind: "object reachable from a ref",
+            })?;
+            if !self.marks.insert(loc.rowid as u64) {
+                continue;
+            }
+            match loc.entry.kind {
+                ObjectKind::Data => {}
+                ObjectKind::Tree => {
+                    let raw = self.store.read_at(&loc)?;
+                    let node = Node::decode(&raw)
+                        .map_err(|reason| StoreError::Corrupt { id, reason })?;
+                    let children: Vec<ChunkId> = node
+                        .entries
+                        .iter()
+                        .filter_map(|e| match e {
+                            Entry::Present(c) => Some(*c),
+                            _ => None,
+                        })
+                        .collect();
+                    if node.level == 0 {
+                        // Data chunks have no children: mark them here in one batch.
+                        for (c, r) in children.iter().zip(catalog::rowids(conn, &children)?) {
+                            let r = r.ok_or(StoreError::MissingObject {
+                                id: *c,
+                                kind: "data",
+                            })?;
+                            self.marks.insert(r as u64);
+                        }
+                    } else {
+                        stack.extend(children);
+                    }
+                }
+                ObjectKind::Version => {
+                    let raw = self.store.read_at(&loc)?;
+                    let v = Version::decode(&raw)
+                        .map_err(|reason| StoreError::Corrupt { id, reason })?;
+                    if let Ok(Entry::Present(root)) = v.root_entry() {
+                        stack.push(root);
+                    }
+                    stack.extend(
+                        v.parent_ids()
+                            .map_err(|reason| StoreError::Corrupt { id, reason })?,
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Every object that refs and live sessions' pins name directly.
+fn roots(conn: &Connection) -> Result<Vec<ChunkId>> {
+    let mut out = Vec::new();
+    let mut stmt = conn.prepare("SELECT version FROM refs")?;
+    for r in stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))? {
+        out.extend(ChunkId::from_slice(&r?));
+    }
+    let mut stmt = conn.prepare("SELECT ids FROM session_pins")?;
+    for r in stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))? {
+        out.extend(r?.chunks_exact(32).filter_map(ChunkId::from_slice));
+    }
+    Ok(out)
+}
+
+/// Is the session's process gone? (Its lock file is missing or no longer locked.)
+fn session_is_dead(store: &Store, id: &str) -> bool {
+    let path = store.sessions_dir().join(format!("{id}.lock"));
+    match File::options().write(true).open(&path) {
+        Ok(f) => f.try_lock().is_ok(),
+        Err(_) => true,
+    }
+}
+
+fn reap_dead_sessions(store: &Store) -> Result<u64> {
+    // List temporary files before reading the session table: a session that starts
+    // after the read creates its files after the listing, so they are never touched.
+    let tmp_dir = store.tmp_dir();
+    let tmp_files: Vec<String> = std::fs::read_dir(&tmp_dir)
+        .at(&tmp_dir)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    let sessions: Vec<String> = {
+        let cat = store.cat();
+        let mut stmt = cat.conn.prepare("SELECT id FROM sessions")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    let mut dead = 0;
+    let mut live = HashSet::new();
+    for s in sessions {
+        if session_is_dead(store, &s) {
+            store.cat().write(|tx| end_session(tx, &s))?;
+            let _ = std::fs::remove_file(store.sessions_dir().join(format!("{s}.lock")));
+            dead += 1;
+        } else {
+            live.insert(s);
+        }
+    }
+    for f in tmp_files {
+        let owner = f.split('-').next().unwrap_or("");
+        if !live.contains(owner) {
+            let _ = std::fs::remove_file(tmp_dir.join(&f));
+        }
+    }
+    // Lock files of sessions that never made it into the table.
+    if let Ok(rd) = std::fs::read_dir(store.sessions_dir()) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(id) = name.strip_suffix(".lock") {
+                if !live.contains(id) && session_is_dead(store, id) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+    Ok(dead)
+}
+
+fn total_pack_bytes(conn: &Connection) -> Result<u64> {
+    Ok(conn.query_row("SELECT coalesce(sum(size), 0) FROM packs", [], |r| {
+        r.get::<_, i64>(0)
+    })? as u64)
+}
+
+/// Run a full gc. `progress` is told which phase is running.
+pub fn gc(store: &Store, progress: &mut dyn FnMut(GcPhase)) -> Result<GcReport> {
+    let lock_path = store.root().join("gc.lock");
+    let lock = File::options()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock_path)
+        .at(&lock_path)?;
+    if lock.try_lock().is_err() {
+        return Err(StoreError::GcBusy);
+    }
+    let mut report = GcReport {
+        dead_sessions: reap_dead_sessions(store)?,
+        ..Default::default()
+    };
+    report.bytes_before = total_pack_bytes(&store.cat().conn)?;
+
+    progress(GcPhase::Mark);
+    let mut marker = Marker {
+        store,
+        marks: RoaringTreemap::new(),
+    };
+    {
+        let cat = store.cat();
+        let r = roots(&cat.conn)?;
+        marker.mark(&cat.conn, &r)?;
+    }
+
+    progress(GcPhase::Sweep);
+    let mut stats: HashMap<i64, (String, u64, u64)> = HashMap::new(); // pack -> (name, live, dead)
+    let empty_packs: Vec<String> = store.cat().write(|tx| {
+        let r = roots(tx)?;
+        marker.mark(tx, &r)?;
+        let protected: HashSet<String> = {
+            let mut stmt = tx.prepare("SELECT pack FROM session_packs")?;
+            let rows = stmt.query_map([], |r| r.get(0))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        // Versions whose records are unreachable leave the listing with them.
+        let mut dead_versions = Vec::new();
+        {
+            let mut stmt = tx.prepare(
+                "SELECT v.id, c.rowid FROM versions v LEFT JOIN chunks c ON c.id = v.id",
+            )?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Option<i64>>(1)?)))?;
+            for row in rows {
+                let (id, rowid) = row?;
+                if !rowid.is_some_and(|r| marker.marks.contains(r as u64)) {
+                    dead_versions.push(id);
+                }
+            }
+        }
+        for id in &dead_versions {
+            tx.execute("DELETE FROM versions WHERE id = ?", [id])?;
+        }
+        report.deleted_versions = dead_versions.len() as u64;
+        let mut dead = RoaringTreemap::new();
+        {
+            let mut stmt = tx.prepare(
+                "SELECT c.rowid, c.pack, p.name, c.stored_len FROM chunks c JOIN packs p ON p.id = c.pack",
+            )?;
+            let mut rows = stmt.query([])?;
+            while let Some(row) = rows.next()? {
+                let (rowid, pack, name, len): (i64, i64, String, i64) =
+                    (row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?);
+                if protected.contains(&name) {
+                    continue;
+                }
+                let e = stats.entry(pack).or_insert_with(|| (name, 0, 0));
+                let span = len as u64 + pack::ENTRY_HEADER_LEN;
+                if marker.marks.contains(rowid as u64) {
+                    e.1 += span;
+                } else {
+                    e.2 += span;
+                    dead.insert(rowid as u64);
+                }
+            }
+        }
+        {
+            let mut del = tx.prepare("DELETE FROM chunks WHERE rowid = ?")?;
+            for r in dead.iter() {
+                del.execute([r as i64])?;
+            }
+        }
+        report.deleted_objects = dead.len();
+        let mut empty = Vec::new();
+        {
+            let mut stmt = tx.prepare(
+                "SELECT id, name FROM packs p WHERE NOT EXISTS (SELECT 1 FROM chunks c WHERE c.pack = p.id)",
+            )?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
+            for row in rows {
+                let (id, name) = row?;
+                if !protected.contains(&name) {
+                    empty.push((id, name));
+                }
+            }
+        }
+        for (id, _) in &empty {
+            tx.execute("DELETE FROM packs WHERE id = ?", [id])?;
+        }
+        Ok(empty.into_iter().map(|(_, n)| n).collect())
+    })?;
+    report.marked_objects = marker.marks.len();
+    for name in &empty_packs {
+        store.backend.delete_pack(name)?;
+    }
+    report.packs_deleted = empty_packs.len() as u64;
+
+    progress(GcPhase::Rewrite);
+    let rewrite: Vec<(i64, String)> = stats
+        .into_iter()
+        .filter(|(_, (name, live, dead))| {
+            *live > 0 && !empty_packs.contains(name)
+                && (*dead as f64) > REWRITE_DEAD_FRACTION * (*live + *dead) as f64
+        })
+        .map(|(id, (name, _, _))| (id, name))
+        .collect();
+    if !rewrite.is_empty() {
+        rewrite_packs(store, &rewrite)?;
+        report.packs_rewritten = rewrite.len() as u64;
+    }
+
+    report.orphan_packs_deleted = delete_orphans(store)?;
+    report.bytes_after = total_pack_bytes(&store.cat().conn)?;
+    drop(lock);
+    Ok(report)
+}
+
+/// Copy the live objects of `packs` into new packs, switch the index, delete the old.
+fn rewrite_packs(store: &Store, packs: &[(i64, String)]) -> Result<()> {
+    let mut session = WriteSession::begin(store, "gc: rewrite packs")?;
+    session.set_relocate();
+    for (pack_id, name) in packs {
+        let live: Vec<catalog::Location> = {
+            let cat = store.cat();
+            let sql = format!(
+                "SELECT {} FROM chunks c JOIN packs p ON p.id = c.pack WHERE c.pack = ? ORDER BY c.offset",
+                catalog::LOCATION_COLUMNS
+            );
+            let mut stmt = cat.conn.prepare(&sql)?;
+            let rows = stmt.query_map([pack_id], catalog::row_location)?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        for loc in live {
+            let buf = store.backend.read_range(name, loc.entry.offset, loc.entry.span() as usize)?;
+            // Check before copying: gc must never spread damage into a fresh pack.
+            pack::decode_entry(&loc.entry, &buf)?;
+            session.append(
+                loc.entry.kind,
+                loc.entry.id,
+                loc.entry.raw_len as usize,
+                loc.entry.codec,
+                &buf[pack::ENTRY_HEADER_LEN as usize..],
+            )?;
+        }
+    }
+    session.finish_without_commit()?;
+    let gone: Vec<String> = store.cat().write(|tx| {
+        let mut gone = Vec::new();
+        for (id, name) in packs {
+            let n: i64 =
+                tx.query_row("SELECT count(*) FROM chunks WHERE pack = ?", [id], |r| r.get(0))?;
+            if n == 0 {
+                tx.execute("DELETE FROM packs WHERE id = ?", params![id])?;
+                gone.push(name.clone());
+            }
+        }
+        Ok(gone)
+    })?;
+    for name in gone {
+        store.backend.delete_pack(&name)?;
+    }
+    Ok(())
+}
+
+fn delete_orphans(store: &Store) -> Result<u64> {
+    // Files first, claims second: a pack is registered to its session before its file
+    // exists, and indexed before that registration ends.
+    let files = store.backend.list_packs()?;
+    let claimed: HashSet<String> = {
+        let cat = store.cat();
+        let mut stmt = cat
+            .conn
+            .prepare("SELECT name FROM packs UNION SELECT pack FROM session_packs")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    let mut n = 0;
+    for f in files {
+        if !claimed.contains(&f) {
+            store.backend.delete_pack(&f)?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
