@@ -255,6 +255,19 @@ pub fn parse_pack(b: &[u8]) -> std::result::Result<Vec<PackEntry>, String> {
     Ok(index)
 }
 
+/// Fuzzing entry point: parse `bytes` as a pack and decode every entry its index
+/// lists. Errors are expected; panics and huge allocations are bugs.
+#[doc(hidden)]
+pub fn fuzz_pack(bytes: &[u8]) {
+    if let Ok(entries) = parse_pack(bytes) {
+        for e in entries {
+            let start = e.offset as usize;
+            let end = start + e.span() as usize;
+            let _ = decode_entry(&e, &bytes[start..end]);
+        }
+    }
+}
+
 /// Appends objects to a new pack file in a temporary location.
 pub struct PackWriter {
     pub name: String,
