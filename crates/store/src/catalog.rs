@@ -97,8 +97,11 @@ impl Catalog {
         // waiting is right, failing is not.
         conn.busy_timeout(Duration::from_secs(120))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
-        // FULL: a committed ref update survives a power cut, not just a process kill.
-        conn.pragma_update(None, "synchronous", "FULL")?;
+        // NORMAL in WAL mode never corrupts and survives any process crash; only a power
+        // cut may lose the newest transactions. Transactions that publish something
+        // (refs, gc's deletions) use `write_durable`, whose fsync also covers all the
+        // transactions before it.
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
         Ok(Catalog { conn })
@@ -117,6 +120,18 @@ impl Catalog {
             params![key, value],
         )?;
         Ok(())
+    }
+
+    /// Like [`Catalog::write`], but the commit is fsynced before this returns: a ref
+    /// moved here survives a power cut, and so does every earlier transaction.
+    pub fn write_durable<T>(
+        &mut self,
+        f: impl FnOnce(&rusqlite::Transaction) -> Result<T>,
+    ) -> Result<T> {
+        self.conn.pragma_update(None, "synchronous", "FULL")?;
+        let out = self.write(f);
+        self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+        out
     }
 
     /// Run `f` in an IMMEDIATE transaction: the write lock is taken up front, so two

@@ -233,7 +233,9 @@ pub fn gc(store: &Store, progress: &mut dyn FnMut(GcPhase)) -> Result<GcReport> 
 
     progress(GcPhase::Sweep);
     let mut stats: HashMap<i64, (String, u64, u64)> = HashMap::new(); // pack -> (name, live, dead)
-    let empty_packs: Vec<String> = store.cat().write(|tx| {
+    // Durable before any file is deleted: the index must never come back pointing at
+    // packs that are gone.
+    let empty_packs: Vec<String> = store.cat().write_durable(|tx| {
         let r = roots(tx)?;
         marker.mark(tx, &r)?;
         let protected: HashSet<String> = {
@@ -361,7 +363,7 @@ fn rewrite_packs(store: &Store, packs: &[(i64, String)]) -> Result<()> {
         }
     }
     session.finish_without_commit()?;
-    let gone: Vec<String> = store.cat().write(|tx| {
+    let gone: Vec<String> = store.cat().write_durable(|tx| {
         let mut gone = Vec::new();
         for (id, name) in packs {
             let n: i64 =

@@ -427,7 +427,7 @@ impl<'s> WriteSession<'s> {
         self.flush()?;
         let session = self.id.clone();
         let record_text = String::from_utf8(record).expect("JSON is UTF-8");
-        self.store.cat().write(|tx| {
+        self.store.cat().write_durable(|tx| {
             match tx.query_row(
                 "SELECT block_size FROM images WHERE name = ?",
                 [&target.image],

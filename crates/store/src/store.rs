@@ -356,7 +356,7 @@ impl Store {
     ) -> Result<()> {
         validate_name(name)?;
         let mut cat = self.cat();
-        cat.write(|tx| {
+        cat.write_durable(|tx| {
             ensure_image_exists(tx, image)?;
             let other = match kind {
                 RefKind::Branch => RefKind::Tag,
@@ -382,7 +382,7 @@ impl Store {
 
     pub fn delete_ref(&self, image: &str, kind: RefKind, name: &str) -> Result<VersionId> {
         let mut cat = self.cat();
-        cat.write(|tx| {
+        cat.write_durable(|tx| {
             ensure_image_exists(tx, image)?;
             let v = get_ref(tx, image, kind, name)?.ok_or_else(|| StoreError::NoSuchRef {
                 image: image.into(),
@@ -407,7 +407,7 @@ impl Store {
         new: &VersionId,
     ) -> Result<()> {
         let mut cat = self.cat();
-        cat.write(|tx| {
+        cat.write_durable(|tx| {
             ensure_image_exists(tx, image)?;
             ensure_version_listed(tx, new)?;
             cas_branch(tx, image, name, expected, new)
@@ -419,7 +419,7 @@ impl Store {
         validate_name(new_image)?;
         let v = self.load_version(version)?;
         let mut cat = self.cat();
-        cat.write(|tx| {
+        cat.write_durable(|tx| {
             create_image(tx, new_image, v.block_size)?;
             ensure_version_listed(tx, version)?;
             cas_branch(tx, new_image, DEFAULT_BRANCH, None, version)
@@ -429,7 +429,7 @@ impl Store {
     /// Remove an image and all its refs; its data goes at the next gc unless shared.
     pub fn delete_image(&self, image: &str) -> Result<()> {
         let mut cat = self.cat();
-        cat.write(|tx| {
+        cat.write_durable(|tx| {
             ensure_image_exists(tx, image)?;
             tx.execute("DELETE FROM refs WHERE image = ?", [image])?;
             tx.execute("DELETE FROM images WHERE name = ?", [image])?;
