@@ -90,34 +90,45 @@ impl BlockDevice for VersionDevice {
         let tree = self.version.tree();
         let store = &self.store;
         let mut load = |id: &ChunkId| store.load_node(id);
-        tree::walk(&mut load, tree.root, tree.depth, from, to, &mut |span| match span {
-            Span::Uniform { start, count, entry } => visit(Run::Uniform {
-                start,
-                count,
-                zero: entry == Entry::Zero,
-            }),
-            Span::Blocks { start, entries } => {
-                // One leaf at a time: its data chunks are fetched in one parallel batch.
-                let ids: Vec<ChunkId> = entries
-                    .iter()
-                    .filter_map(|e| match e {
-                        Entry::Present(id) => Some(*id),
-                        _ => None,
-                    })
-                    .collect();
-                let mut data = store.read_chunks(&ids)?.into_iter();
-                let blocks = entries
-                    .iter()
-                    .map(|e| match e {
-                        Entry::Unwritten => Block::Unwritten,
-                        Entry::Zero => Block::Zero,
-                        Entry::Present(_) => Block::Data(Arc::new(
-                            data.next().expect("one chunk per present entry"),
-                        )),
-                    })
-                    .collect();
-                visit(Run::Blocks { start, blocks })
-            }
-        })
+        tree::walk(
+            &mut load,
+            tree.root,
+            tree.depth,
+            from,
+            to,
+            &mut |span| match span {
+                Span::Uniform {
+                    start,
+                    count,
+                    entry,
+                } => visit(Run::Uniform {
+                    start,
+                    count,
+                    zero: entry == Entry::Zero,
+                }),
+                Span::Blocks { start, entries } => {
+                    // One leaf at a time: its data chunks are fetched in one parallel batch.
+                    let ids: Vec<ChunkId> = entries
+                        .iter()
+                        .filter_map(|e| match e {
+                            Entry::Present(id) => Some(*id),
+                            _ => None,
+                        })
+                        .collect();
+                    let mut data = store.read_chunks(&ids)?.into_iter();
+                    let blocks = entries
+                        .iter()
+                        .map(|e| match e {
+                            Entry::Unwritten => Block::Unwritten,
+                            Entry::Zero => Block::Zero,
+                            Entry::Present(_) => Block::Data(Arc::new(
+                                data.next().expect("one chunk per present entry"),
+                            )),
+                        })
+                        .collect();
+                    visit(Run::Blocks { start, blocks })
+                }
+            },
+        )
     }
 }

@@ -65,9 +65,7 @@ pub enum Command {
         new: String,
     },
     /// Delete an image and its refs (its data is reclaimed by the next gc).
-    Rm {
-        image: String,
-    },
+    Rm { image: String },
     /// Show which byte ranges differ between two versions.
     Diff {
         /// IMAGE@REV
@@ -141,7 +139,10 @@ pub enum RefCommand {
 /// Parse "65536", "64K", "64k", "4M", "4MiB".
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let t = t.strip_suffix("iB").or_else(|| t.strip_suffix('B')).unwrap_or(t);
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
     let (num, mult) = match t.chars().last() {
         Some('k' | 'K') => (&t[..t.len() - 1], 1u64 << 10),
         Some('m' | 'M') => (&t[..t.len() - 1], 1 << 20),

@@ -85,7 +85,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let id = store.resolve(&spec.image, spec.rev.as_deref())?;
             let format: strata_disk::Format =
                 a.format.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
-            let r = crate::export::export(store, id, &a.file, format, a.force, ctx.hide_progress())?;
+            let r =
+                crate::export::export(store, id, &a.file, format, a.force, ctx.hide_progress())?;
             if ctx.json {
                 print_json(&r);
             } else {
@@ -149,7 +150,9 @@ fn default_author() -> String {
 pub fn init(ctx: &Ctx, path: &Path) -> Result<ExitCode> {
     Store::init(path)?;
     if ctx.json {
-        print_json(&serde_json::json!({"store": path, "format": strata_store::store::STORE_FORMAT}));
+        print_json(
+            &serde_json::json!({"store": path, "format": strata_store::store::STORE_FORMAT}),
+        );
     } else {
         println!("initialised an empty Strata store in {}", path.display());
     }
@@ -173,7 +176,11 @@ fn images(ctx: &Ctx) -> Result<ExitCode> {
             .map(|b| format!("{}={}", b.name, &b.version[..12]))
             .collect();
         let tags: Vec<&str> = i.tags.iter().map(|t| t.name.as_str()).collect();
-        let size = match i.branches.iter().find(|b| b.name == strata_store::DEFAULT_BRANCH) {
+        let size = match i
+            .branches
+            .iter()
+            .find(|b| b.name == strata_store::DEFAULT_BRANCH)
+        {
             Some(b) => VersionId::from_hex(&b.version)
                 .and_then(|v| store.load_version(&v).ok())
                 .map(|v| bytes(v.virtual_size))
@@ -272,7 +279,11 @@ fn show(ctx: &Ctx, spec: &str) -> Result<ExitCode> {
     println!("date      {}", output::time(v.time));
     println!("author    {}", v.author);
     println!("message   {}", v.message);
-    println!("size      {} ({} bytes)", bytes(v.virtual_size), v.virtual_size);
+    println!(
+        "size      {} ({} bytes)",
+        bytes(v.virtual_size),
+        v.virtual_size
+    );
     println!("blocks    {} of {}", blocks, bytes(v.block_size as u64));
     println!(
         "          {} data ({}), {} zero, {} never written",
@@ -295,7 +306,12 @@ fn refs(ctx: &Ctx, kind: RefKind, cmd: RefCommand) -> Result<ExitCode> {
                 print_json(&list);
             } else {
                 for r in list {
-                    println!("{:<24} {}  {}", r.name, &r.version[..12], output::time(r.updated));
+                    println!(
+                        "{:<24} {}  {}",
+                        r.name,
+                        &r.version[..12],
+                        output::time(r.updated)
+                    );
                 }
             }
         }
@@ -304,17 +320,30 @@ fn refs(ctx: &Ctx, kind: RefKind, cmd: RefCommand) -> Result<ExitCode> {
             let id = store.resolve(&spec.image, spec.rev.as_deref())?;
             store.create_ref(&spec.image, kind, &name, &id)?;
             if ctx.json {
-                print_json(&serde_json::json!({"image": spec.image, kind.as_str(): name, "version": id.to_hex()}));
+                print_json(
+                    &serde_json::json!({"image": spec.image, kind.as_str(): name, "version": id.to_hex()}),
+                );
             } else {
-                println!("{} {name} of {} -> {}", kind.as_str(), spec.image, id.short());
+                println!(
+                    "{} {name} of {} -> {}",
+                    kind.as_str(),
+                    spec.image,
+                    id.short()
+                );
             }
         }
         RefCommand::Rm { image, name } => {
             let was = store.delete_ref(&image, kind, &name)?;
             if ctx.json {
-                print_json(&serde_json::json!({"image": image, "deleted": name, "was": was.to_hex()}));
+                print_json(
+                    &serde_json::json!({"image": image, "deleted": name, "was": was.to_hex()}),
+                );
             } else {
-                println!("deleted {} {name} of {image} (was {})", kind.as_str(), was.short());
+                println!(
+                    "deleted {} {name} of {image} (was {})",
+                    kind.as_str(),
+                    was.short()
+                );
             }
         }
     }
@@ -401,7 +430,10 @@ fn stats(ctx: &Ctx) -> Result<ExitCode> {
     }
     println!("images              {}", s.images);
     println!("versions            {}", s.versions);
-    println!("logical size        {} (all versions)", bytes(s.logical_bytes));
+    println!(
+        "logical size        {} (all versions)",
+        bytes(s.logical_bytes)
+    );
     println!("logical data        {}", bytes(s.logical_data_bytes));
     println!(
         "unique data         {} in {} blocks",
@@ -410,7 +442,11 @@ fn stats(ctx: &Ctx) -> Result<ExitCode> {
     );
     println!("stored data         {}", bytes(s.stored_data_bytes));
     println!("stored metadata     {}", bytes(s.stored_metadata_bytes));
-    println!("stored in total     {} in {} packs", bytes(s.stored_bytes), s.packs);
+    println!(
+        "stored in total     {} in {} packs",
+        bytes(s.stored_bytes),
+        s.packs
+    );
     println!("dedup ratio         {:.2}x", s.dedup_ratio);
     println!("compression ratio   {:.2}x", s.compression_ratio);
     if s.stored_bytes > 0 {
@@ -448,7 +484,10 @@ fn gc(ctx: &Ctx) -> Result<ExitCode> {
             bytes(r.bytes_after)
         );
         if r.dead_sessions > 0 {
-            println!("gc: cleaned up after {} interrupted writers", r.dead_sessions);
+            println!(
+                "gc: cleaned up after {} interrupted writers",
+                r.dead_sessions
+            );
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -489,7 +528,11 @@ fn verify(ctx: &Ctx) -> Result<ExitCode> {
             println!(
                 "AFFECTED version {} ({}) by {} object(s)",
                 v.version,
-                if v.refs.is_empty() { "history".to_string() } else { v.refs.join(", ") },
+                if v.refs.is_empty() {
+                    "history".to_string()
+                } else {
+                    v.refs.join(", ")
+                },
                 v.objects.len()
             );
         }
@@ -497,9 +540,16 @@ fn verify(ctx: &Ctx) -> Result<ExitCode> {
             println!("DANGLING ref {d}");
         }
         if r.unclaimed_packs > 0 {
-            println!("{} unclaimed pack file(s) (left by interrupted writers; gc removes them)", r.unclaimed_packs);
+            println!(
+                "{} unclaimed pack file(s) (left by interrupted writers; gc removes them)",
+                r.unclaimed_packs
+            );
         }
         println!("{}", if r.ok() { "store OK" } else { "store DAMAGED" });
     }
-    Ok(if r.ok() { ExitCode::SUCCESS } else { ExitCode::from(2) })
+    Ok(if r.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
 }

@@ -40,7 +40,10 @@ pub fn export(
 ) -> Result<ExportReport> {
     let started = std::time::Instant::now();
     if !matches!(format, Format::Raw | Format::Qcow2) {
-        bail!("cannot export to {}: choose raw or qcow2 (then convert with qemu-img)", format.name());
+        bail!(
+            "cannot export to {}: choose raw or qcow2 (then convert with qemu-img)",
+            format.name()
+        );
     }
     if file.exists() && !force {
         bail!("{} exists; pass --force to replace it", file.display());

@@ -136,7 +136,9 @@ pub fn import(store: &Store, req: &ImportRequest) -> Result<ImportReport> {
     // A new branch of an existing image grows from the image's default branch.
     let parent: Option<VersionId> = match tip {
         Some(t) => Some(t),
-        None if existing_bs.is_some() => session.pin_branch(req.image, strata_store::DEFAULT_BRANCH)?,
+        None if existing_bs.is_some() => {
+            session.pin_branch(req.image, strata_store::DEFAULT_BRANCH)?
+        }
         None => None,
     };
     let mut draft = session.new_version(size, bs)?;

@@ -25,8 +25,8 @@ impl XorShift {
 /// Text-like, compressible content, as files on a real disk mostly are.
 fn fill(buf: &mut [u8], rng: &mut XorShift) {
     const WORDS: [&str; 16] = [
-        "strata ", "block ", "version ", "disk ", "image ", "gold ", "point ", "hub ",
-        "desktop ", "kernel ", "config ", "user ", "data ", "sync ", "delta ", "tree\n",
+        "strata ", "block ", "version ", "disk ", "image ", "gold ", "point ", "hub ", "desktop ",
+        "kernel ", "config ", "user ", "data ", "sync ", "delta ", "tree\n",
     ];
     let mut i = 0;
     while i < buf.len() {
@@ -73,7 +73,11 @@ fn step(title: &str, json: bool) {
 
 fn strata(ctx: &Ctx, args: &[&str]) -> Result<()> {
     use clap::Parser;
-    let mut argv = vec!["strata".to_string(), "--store".into(), ctx.store_path.display().to_string()];
+    let mut argv = vec![
+        "strata".to_string(),
+        "--store".into(),
+        ctx.store_path.display().to_string(),
+    ];
     if ctx.json {
         argv.push("--json".into());
     }
@@ -120,7 +124,10 @@ pub fn run(ctx: &Ctx, dir: Option<PathBuf>) -> Result<ExitCode> {
     strata(&sub, &["tag", "add", "demo", "v1"])?;
     step("update 3 MiB of the disk, then import it again", ctx.json);
     update_sample(&sample)?;
-    strata(&sub, &["import", &sample_s, "demo", "-m", "gold v2: patched"])?;
+    strata(
+        &sub,
+        &["import", &sample_s, "demo", "-m", "gold v2: patched"],
+    )?;
     step("strata log demo", ctx.json);
     strata(&sub, &["log", "demo"])?;
     step("strata diff demo@v1 demo@main", ctx.json);

@@ -86,8 +86,8 @@ impl Marker<'_> {
                 ObjectKind::Data => {}
                 ObjectKind::Tree => {
                     let raw = self.store.read_at(&loc)?;
-                    let node = Node::decode(&raw)
-                        .map_err(|reason| StoreError::Corrupt { id, reason })?;
+                    let node =
+                        Node::decode(&raw).map_err(|reason| StoreError::Corrupt { id, reason })?;
                     let children: Vec<ChunkId> = node
                         .entries
                         .iter()
@@ -197,9 +197,11 @@ fn reap_dead_sessions(store: &Store) -> Result<u64> {
 }
 
 fn total_pack_bytes(conn: &Connection) -> Result<u64> {
-    Ok(conn.query_row("SELECT coalesce(sum(size), 0) FROM packs", [], |r| {
-        r.get::<_, i64>(0)
-    })? as u64)
+    Ok(
+        conn.query_row("SELECT coalesce(sum(size), 0) FROM packs", [], |r| {
+            r.get::<_, i64>(0)
+        })? as u64,
+    )
 }
 
 /// Run a full gc. `progress` is told which phase is running.
@@ -233,8 +235,8 @@ pub fn gc(store: &Store, progress: &mut dyn FnMut(GcPhase)) -> Result<GcReport> 
 
     progress(GcPhase::Sweep);
     let mut stats: HashMap<i64, (String, u64, u64)> = HashMap::new(); // pack -> (name, live, dead)
-    // Durable before any file is deleted: the index must never come back pointing at
-    // packs that are gone.
+                                                                      // Durable before any file is deleted: the index must never come back pointing at
+                                                                      // packs that are gone.
     let empty_packs: Vec<String> = store.cat().write_durable(|tx| {
         let r = roots(tx)?;
         marker.mark(tx, &r)?;
@@ -318,7 +320,8 @@ pub fn gc(store: &Store, progress: &mut dyn FnMut(GcPhase)) -> Result<GcReport> 
     let rewrite: Vec<(i64, String)> = stats
         .into_iter()
         .filter(|(_, (name, live, dead))| {
-            *live > 0 && !empty_packs.contains(name)
+            *live > 0
+                && !empty_packs.contains(name)
                 && (*dead as f64) > REWRITE_DEAD_FRACTION * (*live + *dead) as f64
         })
         .map(|(id, (name, _, _))| (id, name))
@@ -350,7 +353,10 @@ fn rewrite_packs(store: &Store, packs: &[(i64, String)]) -> Result<()> {
             rows.collect::<rusqlite::Result<_>>()?
         };
         for loc in live {
-            let buf = store.backend.read_range(name, loc.entry.offset, loc.entry.span() as usize)?;
+            let buf =
+                store
+                    .backend
+                    .read_range(name, loc.entry.offset, loc.entry.span() as usize)?;
             // Check before copying: gc must never spread damage into a fresh pack.
             pack::decode_entry(&loc.entry, &buf)?;
             session.append(
@@ -366,8 +372,9 @@ fn rewrite_packs(store: &Store, packs: &[(i64, String)]) -> Result<()> {
     let gone: Vec<String> = store.cat().write_durable(|tx| {
         let mut gone = Vec::new();
         for (id, name) in packs {
-            let n: i64 =
-                tx.query_row("SELECT count(*) FROM chunks WHERE pack = ?", [id], |r| r.get(0))?;
+            let n: i64 = tx.query_row("SELECT count(*) FROM chunks WHERE pack = ?", [id], |r| {
+                r.get(0)
+            })?;
             if n == 0 {
                 tx.execute("DELETE FROM packs WHERE id = ?", params![id])?;
                 gone.push(name.clone());

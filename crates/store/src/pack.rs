@@ -176,7 +176,10 @@ pub fn parse_index(b: &[u8]) -> std::result::Result<Vec<PackEntry>, String> {
     }
     let count = u32::from_le_bytes(b[0..4].try_into().unwrap()) as usize;
     if b.len() != 4 + count.saturating_mul(INDEX_ENTRY_LEN) {
-        return Err(format!("index of {} bytes cannot hold {count} entries", b.len()));
+        return Err(format!(
+            "index of {} bytes cannot hold {count} entries",
+            b.len()
+        ));
     }
     let mut out = Vec::with_capacity(count);
     for rec in b[4..].chunks_exact(INDEX_ENTRY_LEN) {
@@ -289,9 +292,8 @@ impl PackWriter {
         let mut header = [0u8; HEADER_LEN as usize];
         header[0..8].copy_from_slice(PACK_MAGIC);
         header[8..10].copy_from_slice(&PACK_FORMAT.to_le_bytes());
-        hex::decode_to_slice(&name, &mut header[16..32]).map_err(|_| {
-            StoreError::Invalid(format!("pack name {name:?} is not 32 hex digits"))
-        })?;
+        hex::decode_to_slice(&name, &mut header[16..32])
+            .map_err(|_| StoreError::Invalid(format!("pack name {name:?} is not 32 hex digits")))?;
         file.write_all(&header).at(&path)?;
         Ok(PackWriter {
             name,
@@ -390,7 +392,13 @@ mod tests {
             let raw = vec![i; 1000 + i as usize];
             let (codec, payload) = encode_payload(&raw, 3);
             let e = w
-                .append(ChunkId::of(&raw), ObjectKind::Data, raw.len(), codec, &payload)
+                .append(
+                    ChunkId::of(&raw),
+                    ObjectKind::Data,
+                    raw.len(),
+                    codec,
+                    &payload,
+                )
                 .unwrap();
             written.push((e, raw));
         }
@@ -413,7 +421,13 @@ mod tests {
         let raw: Vec<u8> = (0..3000u32).map(|i| (i * 7 % 251) as u8).collect();
         let (codec, payload) = encode_payload(&raw, 3);
         let e = w
-            .append(ChunkId::of(&raw), ObjectKind::Data, raw.len(), codec, &payload)
+            .append(
+                ChunkId::of(&raw),
+                ObjectKind::Data,
+                raw.len(),
+                codec,
+                &payload,
+            )
             .unwrap();
         let fin = w.finish().unwrap();
         let bytes = std::fs::read(&fin.path).unwrap();
@@ -429,12 +443,13 @@ mod tests {
                     continue;
                 }
                 assert!(decode_entry(&e, buf).is_err(), "flip at {pos} not detected");
-            } else if pos >= 10 && pos < 16 {
-                // header flags/reserved: not meaningful yet
-            } else if pos >= 16 && pos < 32 {
-                // pack id copy in the header: informational
+            } else if (10..32).contains(&pos) {
+                // Header flags, reserved bytes and the pack id: informational only.
             } else {
-                assert!(parse_pack(&b).is_err(), "flip at {pos} not detected by parse");
+                assert!(
+                    parse_pack(&b).is_err(),
+                    "flip at {pos} not detected by parse"
+                );
             }
         }
     }

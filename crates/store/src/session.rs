@@ -176,10 +176,11 @@ impl<'s> WriteSession<'s> {
     pub fn pin_version(&mut self, v: &VersionId) -> Result<()> {
         let session = self.id.clone();
         self.store.cat().write(|tx| {
-            let n: i64 =
-                tx.query_row("SELECT count(*) FROM versions WHERE id = ?", [&v.0[..]], |r| {
-                    r.get(0)
-                })?;
+            let n: i64 = tx.query_row(
+                "SELECT count(*) FROM versions WHERE id = ?",
+                [&v.0[..]],
+                |r| r.get(0),
+            )?;
             if n == 0 {
                 return Err(StoreError::MissingObject {
                     id: *v,
@@ -334,11 +335,25 @@ impl<'s> WriteSession<'s> {
         payload: &[u8],
     ) -> Result<PackEntry> {
         let data = kind == ObjectKind::Data;
-        if (if data { &self.data_pack } else { &self.tree_pack }).is_none() {
+        if (if data {
+            &self.data_pack
+        } else {
+            &self.tree_pack
+        })
+        .is_none()
+        {
             let w = self.new_pack()?;
-            *(if data { &mut self.data_pack } else { &mut self.tree_pack }) = Some(w);
+            *(if data {
+                &mut self.data_pack
+            } else {
+                &mut self.tree_pack
+            }) = Some(w);
         }
-        let slot = if data { &mut self.data_pack } else { &mut self.tree_pack };
+        let slot = if data {
+            &mut self.data_pack
+        } else {
+            &mut self.tree_pack
+        };
         let w = slot.as_mut().expect("pack was just opened");
         let e = w.append(id, kind, raw_len, codec, payload)?;
         self.unflushed.insert(id);
@@ -363,9 +378,9 @@ impl<'s> WriteSession<'s> {
     fn flush_pack(&mut self, w: PackWriter) -> Result<()> {
         let fin = w.finish()?;
         self.store.backend.put_pack(&fin.name, &fin.path)?;
-        self.store
-            .cat()
-            .write(|tx| catalog::insert_pack(tx, &fin.name, fin.size, &fin.entries, self.relocate))?;
+        self.store.cat().write(|tx| {
+            catalog::insert_pack(tx, &fin.name, fin.size, &fin.entries, self.relocate)
+        })?;
         for e in &fin.entries {
             self.unflushed.remove(&e.id);
         }
@@ -374,7 +389,10 @@ impl<'s> WriteSession<'s> {
 
     /// Make every object written so far durable and indexed.
     pub fn flush(&mut self) -> Result<()> {
-        for w in [self.data_pack.take(), self.tree_pack.take()].into_iter().flatten() {
+        for w in [self.data_pack.take(), self.tree_pack.take()]
+            .into_iter()
+            .flatten()
+        {
             if w.is_empty() {
                 let p = w.path().to_path_buf();
                 drop(w);
@@ -492,7 +510,10 @@ impl Drop for WriteSession<'_> {
         }
         // Abandoned: unfinished packs go; finished packs stay indexed but unreachable
         // and gc collects them. Errors are ignored: gc cleans up after dead sessions.
-        for w in [self.data_pack.take(), self.tree_pack.take()].into_iter().flatten() {
+        for w in [self.data_pack.take(), self.tree_pack.take()]
+            .into_iter()
+            .flatten()
+        {
             let p = w.path().to_path_buf();
             drop(w);
             let _ = std::fs::remove_file(p);

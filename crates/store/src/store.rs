@@ -218,9 +218,9 @@ impl Store {
     }
 
     pub(crate) fn read_at(&self, loc: &Location) -> Result<Vec<u8>> {
-        let buf = self
-            .backend
-            .read_range(&loc.pack, loc.entry.offset, loc.entry.span() as usize)?;
+        let buf =
+            self.backend
+                .read_range(&loc.pack, loc.entry.offset, loc.entry.span() as usize)?;
         pack::decode_entry(&loc.entry, &buf)
     }
 
@@ -536,7 +536,9 @@ impl Store {
     pub fn list_versions(&self) -> Result<Vec<(VersionId, Version)>> {
         let cat = self.cat();
         let mut stmt = cat.conn.prepare("SELECT id, record FROM versions")?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, String>(1)?)))?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, String>(1)?))
+        })?;
         let mut out = Vec::new();
         for row in rows {
             let (id, rec) = row?;
@@ -601,9 +603,11 @@ pub(crate) fn ensure_image_exists(tx: &rusqlite::Connection, image: &str) -> Res
 }
 
 fn ensure_version_listed(tx: &rusqlite::Connection, v: &VersionId) -> Result<()> {
-    let n: i64 = tx.query_row("SELECT count(*) FROM versions WHERE id = ?", [&v.0[..]], |r| {
-        r.get(0)
-    })?;
+    let n: i64 = tx.query_row(
+        "SELECT count(*) FROM versions WHERE id = ?",
+        [&v.0[..]],
+        |r| r.get(0),
+    )?;
     if n == 0 {
         return Err(StoreError::MissingObject {
             id: *v,

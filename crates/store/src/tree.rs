@@ -104,9 +104,10 @@ impl Node {
             entries.push(match t {
                 0 => Entry::Unwritten,
                 1 => Entry::Zero,
-                2 => Entry::Present(ChunkId::from_slice(
-                    ids.next().ok_or("tree node truncated in its ids")?,
-                ).expect("chunks_exact yields 32 bytes")),
+                2 => Entry::Present(
+                    ChunkId::from_slice(ids.next().ok_or("tree node truncated in its ids")?)
+                        .expect("chunks_exact yields 32 bytes"),
+                ),
                 t => return Err(format!("unknown entry tag {t}")),
             });
         }
@@ -180,7 +181,10 @@ impl TreeBuilder {
         entry: Entry,
         emit: &mut impl FnMut(ChunkId, Vec<u8>) -> Result<(), E>,
     ) -> Result<(), E> {
-        assert!(self.pushed < self.total_blocks, "more blocks than the tree holds");
+        assert!(
+            self.pushed < self.total_blocks,
+            "more blocks than the tree holds"
+        );
         self.pushed += 1;
         self.levels[0].push(entry);
         let mut level = 0usize;
@@ -236,7 +240,11 @@ impl TreeBuilder {
 #[derive(Debug)]
 pub enum Span<'a> {
     /// `count` consecutive blocks with the same uniform entry.
-    Uniform { start: u64, count: u64, entry: Entry },
+    Uniform {
+        start: u64,
+        count: u64,
+        entry: Entry,
+    },
     /// The entries of consecutive blocks starting at `start` (from one leaf).
     Blocks { start: u64, entries: &'a [Entry] },
 }
@@ -442,7 +450,10 @@ where
     let cb = children(load, b, lb, top)?;
     // Children of a level-`top` node sit one level down; a shallower side keeps its
     // own level until the two meet.
-    let (na, nb) = (if la == top { la - 1 } else { la }, if lb == top { lb - 1 } else { lb });
+    let (na, nb) = (
+        if la == top { la - 1 } else { la },
+        if lb == top { lb - 1 } else { lb },
+    );
     let span = entry_span(top as u8);
     for i in 0..FANOUT {
         let (na_i, nb_i) = (

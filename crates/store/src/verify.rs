@@ -72,7 +72,15 @@ impl VerifyReport {
     }
 }
 
-fn check_pack(store: &Store, name: &str, size: u64, rows: &[Location]) -> (Option<BadPack>, Vec<DamagedObject>, u64) {
+/// What checking one pack found.
+struct PackCheck {
+    bad: Option<BadPack>,
+    damaged: Vec<DamagedObject>,
+    bytes: u64,
+    objects: u64,
+}
+
+fn check_pack(store: &Store, name: &str, size: u64, rows: &[Location]) -> PackCheck {
     let damaged = |loc: &Location, reason: String| DamagedObject {
         id: loc.entry.id.to_hex(),
         kind: loc.entry.kind.name(),
@@ -94,15 +102,19 @@ fn check_pack(store: &Store, name: &str, size: u64, rows: &[Location]) -> (Optio
         Ok(b) => b,
         Err(e) => {
             let reason = e.to_string();
-            let objs = rows.iter().map(|l| damaged(l, format!("pack unreadable: {reason}"))).collect();
-            return (
-                Some(BadPack {
+            let objs = rows
+                .iter()
+                .map(|l| damaged(l, format!("pack unreadable: {reason}")))
+                .collect();
+            return PackCheck {
+                bad: Some(BadPack {
                     pack: store.backend.describe(name),
                     reason,
                 }),
-                objs,
-                0,
-            );
+                damaged: objs,
+                bytes: 0,
+                objects: rows.len() as u64,
+            };
         }
     };
     let bad = pack::parse_pack(&bytes).err().map(|reason| BadPack {
@@ -123,7 +135,12 @@ fn check_pack(store: &Store, name: &str, size: u64, rows: &[Location]) -> (Optio
             r.err().map(|e| damaged(loc, e.to_string()))
         })
         .collect();
-    (bad, objs, bytes.len() as u64)
+    PackCheck {
+        bad,
+        damaged: objs,
+        bytes: bytes.len() as u64,
+        objects: rows.len() as u64,
+    }
 }
 
 /// Outcome of checking one subtree: the damaged or missing objects under it.
@@ -139,7 +156,10 @@ struct Walker<'a> {
 impl Walker<'_> {
     fn present(&mut self, ids: &[ChunkId]) -> Result<Vec<bool>> {
         let cat = self.store.cat();
-        Ok(catalog::rowids(&cat.conn, ids)?.into_iter().map(|r| r.is_some()).collect())
+        Ok(catalog::rowids(&cat.conn, ids)?
+            .into_iter()
+            .map(|r| r.is_some())
+            .collect())
     }
 
     fn node(&mut self, id: ChunkId) -> Result<Hurt> {
@@ -218,13 +238,17 @@ pub fn verify(store: &Store, progress: &(dyn Fn(u64) + Sync)) -> Result<VerifyRe
     let mut report = VerifyReport::default();
     let packs: Vec<(i64, String, u64)> = {
         let cat = store.cat();
-        let mut stmt = cat.conn.prepare("SELECT id, name, size FROM packs ORDER BY name")?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64)))?;
+        let mut stmt = cat
+            .conn
+            .prepare("SELECT id, name, size FROM packs ORDER BY name")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
+        })?;
         rows.collect::<rusqlite::Result<_>>()?
     };
     report.packs = packs.len() as u64;
     let done = std::sync::atomic::AtomicU64::new(0);
-    let results: Vec<Result<(Option<BadPack>, Vec<DamagedObject>, u64, u64)>> = packs
+    let results: Vec<Result<PackCheck>> = packs
         .par_iter()
         .map(|(id, name, size)| {
             let rows: Vec<Location> = {
@@ -237,18 +261,19 @@ pub fn verify(store: &Store, progress: &(dyn Fn(u64) + Sync)) -> Result<VerifyRe
                 let rows = stmt.query_map([id], catalog::row_location)?;
                 rows.collect::<rusqlite::Result<_>>()?
             };
-            let (bad, dmg, bytes) = check_pack(store, name, *size, &rows);
-            let total = done.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed) + bytes;
+            let check = check_pack(store, name, *size, &rows);
+            let total =
+                done.fetch_add(check.bytes, std::sync::atomic::Ordering::Relaxed) + check.bytes;
             progress(total);
-            Ok((bad, dmg, bytes, rows.len() as u64))
+            Ok(check)
         })
         .collect();
     for r in results {
-        let (bad, dmg, bytes, n) = r?;
-        report.bad_packs.extend(bad);
-        report.damaged.extend(dmg);
-        report.bytes += bytes;
-        report.objects += n;
+        let check = r?;
+        report.bad_packs.extend(check.bad);
+        report.damaged.extend(check.damaged);
+        report.bytes += check.bytes;
+        report.objects += check.objects;
     }
     let bad: HashSet<ChunkId> = report
         .damaged
@@ -260,14 +285,25 @@ pub fn verify(store: &Store, progress: &(dyn Fn(u64) + Sync)) -> Result<VerifyRe
     let mut ref_names: HashMap<ChunkId, Vec<String>> = HashMap::new();
     {
         let cat = store.cat();
-        let mut stmt = cat.conn.prepare("SELECT image, kind, name, version FROM refs")?;
+        let mut stmt = cat
+            .conn
+            .prepare("SELECT image, kind, name, version FROM refs")?;
         let rows = stmt.query_map([], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, Vec<u8>>(3)?))
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, Vec<u8>>(3)?,
+            ))
         })?;
         for row in rows {
             let (image, kind, name, v) = row?;
             if let Some(v) = ChunkId::from_slice(&v) {
-                let label = if kind == "tag" { format!("{image}@{name}") } else { format!("{image}:{name}") };
+                let label = if kind == "tag" {
+                    format!("{image}@{name}")
+                } else {
+                    format!("{image}:{name}")
+                };
                 ref_names.entry(v).or_default().push(label);
             }
         }
@@ -284,7 +320,9 @@ pub fn verify(store: &Store, progress: &(dyn Fn(u64) + Sync)) -> Result<VerifyRe
     };
     for (v, names) in &ref_names {
         if !versions.contains(v) {
-            report.dangling_refs.extend(names.iter().map(|n| format!("{n} -> {v}")));
+            report
+                .dangling_refs
+                .extend(names.iter().map(|n| format!("{n} -> {v}")));
         }
         versions.insert(*v);
     }
@@ -313,7 +351,9 @@ pub fn verify(store: &Store, progress: &(dyn Fn(u64) + Sync)) -> Result<VerifyRe
     // Unclaimed pack files are gc's business, but worth a line in the report.
     let claimed: HashSet<String> = {
         let cat = store.cat();
-        let mut stmt = cat.conn.prepare("SELECT name FROM packs UNION SELECT pack FROM session_packs")?;
+        let mut stmt = cat
+            .conn
+            .prepare("SELECT name FROM packs UNION SELECT pack FROM session_packs")?;
         let rows = stmt.query_map([], |r| r.get(0))?;
         rows.collect::<rusqlite::Result<_>>()?
     };

@@ -37,8 +37,11 @@ fn write_image(store: &Store, image: &str, seeds: &[u32]) -> VersionId {
     let mut s = WriteSession::begin(store, "test").unwrap();
     let tip = s.pin_branch(image, "main").unwrap();
     let mut d = s.new_version(seeds.len() as u64 * BS as u64, BS).unwrap();
-    s.add_blocks(&mut d, seeds.iter().map(|&x| BlockInput::Data(block(x))).collect())
-        .unwrap();
+    s.add_blocks(
+        &mut d,
+        seeds.iter().map(|&x| BlockInput::Data(block(x))).collect(),
+    )
+    .unwrap();
     s.commit(d, &target(image, tip)).unwrap().0
 }
 
@@ -86,8 +89,11 @@ fn gc_after_a_writer_pinned_keeps_what_it_reuses() {
     // A writer reuses every block of "old"...
     let mut s = WriteSession::begin(&store, "test").unwrap();
     let mut d = s.new_version(seeds.len() as u64 * BS as u64, BS).unwrap();
-    s.add_blocks(&mut d, seeds.iter().map(|&x| BlockInput::Data(block(x))).collect())
-        .unwrap();
+    s.add_blocks(
+        &mut d,
+        seeds.iter().map(|&x| BlockInput::Data(block(x))).collect(),
+    )
+    .unwrap();
     assert_eq!(s.stats.new_chunks, 0, "everything was deduplicated");
     // ...then "old" goes away and gc runs before the writer commits.
     store.delete_image("old").unwrap();
@@ -95,7 +101,10 @@ fn gc_after_a_writer_pinned_keeps_what_it_reuses() {
     // Garbage: old's version record, its root and its last (partial) leaf, which the
     // writer has not reached yet; every data block and both full leaves are pinned.
     assert_eq!(r.deleted_objects, 3, "{r:?}");
-    assert_eq!(strata_store::stats::stats(&store).unwrap().unique_chunks, 600);
+    assert_eq!(
+        strata_store::stats::stats(&store).unwrap().unique_chunks,
+        600
+    );
     let v = s.commit(d, &target("new", None)).unwrap().0;
     assert_clean(&store);
     let back = read_back(&store, &v);
@@ -116,8 +125,11 @@ fn gc_before_a_writer_looks_up_makes_it_write_again() {
     assert!(r.deleted_objects >= 300);
     let mut s = s;
     let mut d = s.new_version(seeds.len() as u64 * BS as u64, BS).unwrap();
-    s.add_blocks(&mut d, seeds.iter().map(|&x| BlockInput::Data(block(x))).collect())
-        .unwrap();
+    s.add_blocks(
+        &mut d,
+        seeds.iter().map(|&x| BlockInput::Data(block(x))).collect(),
+    )
+    .unwrap();
     assert_eq!(s.stats.new_chunks, 300, "gone objects are written again");
     let v = s.commit(d, &target("new", None)).unwrap().0;
     assert_clean(&store);
@@ -130,12 +142,18 @@ fn gc_keeps_packs_of_a_live_writer_and_reaps_a_dead_one() {
     let store = Store::init(&dir.path().join("s")).unwrap();
     let mut s = WriteSession::begin(&store, "test").unwrap();
     let mut d = s.new_version(100 * BS as u64, BS).unwrap();
-    s.add_blocks(&mut d, (0..50).map(|x| BlockInput::Data(block(x))).collect())
-        .unwrap();
+    s.add_blocks(
+        &mut d,
+        (0..50).map(|x| BlockInput::Data(block(x))).collect(),
+    )
+    .unwrap();
     s.flush().unwrap(); // indexed, but reachable from nothing yet
     gc(&store, &mut |_| {}).unwrap();
-    s.add_blocks(&mut d, (50..100).map(|x| BlockInput::Data(block(x))).collect())
-        .unwrap();
+    s.add_blocks(
+        &mut d,
+        (50..100).map(|x| BlockInput::Data(block(x))).collect(),
+    )
+    .unwrap();
     let v = s.commit(d, &target("img", None)).unwrap().0;
     assert_clean(&store);
     assert_eq!(read_back(&store, &v)[10], block(10));
@@ -145,8 +163,11 @@ fn gc_keeps_packs_of_a_live_writer_and_reaps_a_dead_one() {
     {
         let mut s = WriteSession::begin(&store, "test").unwrap();
         let mut d = s.new_version(10 * BS as u64, BS).unwrap();
-        s.add_blocks(&mut d, (1000..1010).map(|x| BlockInput::Data(block(x))).collect())
-            .unwrap();
+        s.add_blocks(
+            &mut d,
+            (1000..1010).map(|x| BlockInput::Data(block(x))).collect(),
+        )
+        .unwrap();
         s.flush().unwrap();
     }
     assert_eq!(
@@ -154,7 +175,10 @@ fn gc_keeps_packs_of_a_live_writer_and_reaps_a_dead_one() {
         before + 10
     );
     gc(&store, &mut |_| {}).unwrap();
-    assert_eq!(strata_store::stats::stats(&store).unwrap().unique_chunks, before);
+    assert_eq!(
+        strata_store::stats::stats(&store).unwrap().unique_chunks,
+        before
+    );
     assert_clean(&store);
 }
 
@@ -169,7 +193,8 @@ fn ref_updates_are_compare_and_swap() {
         let tip = s.pin_branch("img", "main").unwrap();
         assert_eq!(tip, Some(v1));
         let mut d = s.new_version(BS as u64, BS).unwrap();
-        s.add_blocks(&mut d, vec![BlockInput::Data(block(seed))]).unwrap();
+        s.add_blocks(&mut d, vec![BlockInput::Data(block(seed))])
+            .unwrap();
         (s, d)
     };
     let (a, da) = mk(10);

@@ -200,7 +200,13 @@ fn one_changed_block_of_a_big_image_writes_one_path() {
     // 100 GiB of 64 KiB blocks, sparse except for data every 97 blocks.
     let n = 1_638_400usize;
     let mut map: Vec<Entry> = (0..n)
-        .map(|i| if i % 97 == 0 { Entry::Present(ChunkId::of(&(i as u64).to_le_bytes())) } else { Entry::Unwritten })
+        .map(|i| {
+            if i % 97 == 0 {
+                Entry::Present(ChunkId::of(&(i as u64).to_le_bytes()))
+            } else {
+                Entry::Unwritten
+            }
+        })
         .collect();
     let mut nodes = Nodes::new();
     let (ta, _) = build(&map, &mut nodes);
