@@ -9,7 +9,9 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use strata_disk::{DiskImage, ExtentKind, OpenOptions};
-use strata_store::{BlockInput, CommitTarget, Store, VersionId, WriteSession, WriteStats};
+use strata_store::{
+    BlockInput, CommitTarget, PreparedBlocks, Store, VersionId, WriteSession, WriteStats,
+};
 
 use crate::output;
 
@@ -147,13 +149,15 @@ pub fn import(store: &Store, req: &ImportRequest) -> Result<ImportReport> {
     let bar = output::byte_bar(size, "import", req.quiet);
 
     std::thread::scope(|scope| -> Result<()> {
-        let (tx, rx) = crossbeam_channel::bounded::<Result<Vec<BlockInput>>>(2);
+        // The reader thread also hashes, so hashing of one batch overlaps with the
+        // compression of the one before.
+        let (tx, rx) = crossbeam_channel::bounded::<Result<PreparedBlocks>>(2);
         let img = &img;
         scope.spawn(move || {
             let mut first = 0;
             while first < total_blocks {
                 let count = batch.min(total_blocks - first);
-                let r = read_batch(&**img, bs as u64, first, count);
+                let r = read_batch(&**img, bs as u64, first, count).map(PreparedBlocks::new);
                 let failed = r.is_err();
                 if tx.send(r).is_err() || failed {
                     return;
@@ -164,7 +168,7 @@ pub fn import(store: &Store, req: &ImportRequest) -> Result<ImportReport> {
         for blocks in rx {
             let blocks = blocks?;
             let n = blocks.len() as u64;
-            session.add_blocks(&mut draft, blocks)?;
+            session.add_prepared(&mut draft, blocks)?;
             bar.inc(n * bs as u64);
         }
         Ok(())

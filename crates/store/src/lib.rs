@@ -35,7 +35,9 @@ pub mod version;
 pub use backend::{Backend, LocalDir};
 pub use error::{Result, StoreError};
 pub use id::{ChunkId, ObjectKind, VersionId};
-pub use session::{BlockInput, CommitTarget, VersionDraft, WriteSession, WriteStats};
+pub use session::{
+    BlockInput, CommitTarget, PreparedBlocks, VersionDraft, WriteSession, WriteStats,
+};
 pub use store::{
     validate_block_size, validate_name, ImageInfo, RefInfo, RefKind, Store, DEFAULT_BLOCK_SIZE,
     DEFAULT_BRANCH,

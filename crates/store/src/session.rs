@@ -47,6 +47,33 @@ pub enum BlockInput {
     Data(Vec<u8>),
 }
 
+/// Blocks classified (zero or not) and hashed, on all cores, ready for a session.
+pub struct PreparedBlocks(Vec<(Entry, Option<Vec<u8>>)>);
+
+impl PreparedBlocks {
+    pub fn new(blocks: Vec<BlockInput>) -> PreparedBlocks {
+        PreparedBlocks(
+            blocks
+                .into_par_iter()
+                .map(|b| match b {
+                    BlockInput::Unwritten => (Entry::Unwritten, None),
+                    BlockInput::Zero => (Entry::Zero, None),
+                    BlockInput::Data(buf) if is_zero(&buf) => (Entry::Zero, None),
+                    BlockInput::Data(buf) => (Entry::Present(ChunkId::of(&buf)), Some(buf)),
+                })
+                .collect(),
+        )
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// What a session wrote and reused.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct WriteStats {
@@ -236,15 +263,13 @@ impl<'s> WriteSession<'s> {
 
     /// Add the next blocks of `draft`, in order.
     pub fn add_blocks(&mut self, draft: &mut VersionDraft, blocks: Vec<BlockInput>) -> Result<()> {
-        let classified: Vec<(Entry, Option<Vec<u8>>)> = blocks
-            .into_par_iter()
-            .map(|b| match b {
-                BlockInput::Unwritten => (Entry::Unwritten, None),
-                BlockInput::Zero => (Entry::Zero, None),
-                BlockInput::Data(buf) if is_zero(&buf) => (Entry::Zero, None),
-                BlockInput::Data(buf) => (Entry::Present(ChunkId::of(&buf)), Some(buf)),
-            })
-            .collect();
+        self.add_prepared(draft, PreparedBlocks::new(blocks))
+    }
+
+    /// Add blocks already hashed by [`PreparedBlocks::new`] (which a reader thread can
+    /// run while this session compresses the previous batch).
+    pub fn add_prepared(&mut self, draft: &mut VersionDraft, blocks: PreparedBlocks) -> Result<()> {
+        let classified = blocks.0;
         let mut objects = Vec::new();
         let mut seen = HashSet::new();
         for (e, buf) in &classified {

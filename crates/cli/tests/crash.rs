@@ -1,0 +1,1006 @@
+//! Durability under `kill -9` and concurrency, proven with real processes.
+//!
+//! Every test drives the real `strata` binary. Processes are killed with SIGKILL
+//! (`Child::kill`) at seeded-random moments, imports and gcs run side by side, and
+//! after every step the store must verify clean and every version that a ref (or
+//! history) reaches must export byte-identical to the file it was imported from
+//! (compared with `qemu-img compare`).
+//!
+//! Each step prints what happened (`eprintln!`), so a failure shows the moment of
+//! the kill and the tips before and after. Run with `--nocapture` to watch.
+
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+/// The store's default block size; test images change whole blocks of this size.
+const BLOCK: usize = 64 << 10;
+
+// ---------------------------------------------------------------------------------
+// Deterministic data
+// ---------------------------------------------------------------------------------
+
+/// xorshift64*: fast, deterministic, good enough to make incompressible data.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        // Never zero; spread small seeds.
+        Rng((seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03) | 1)
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Uniform in `0..n` (n > 0).
+    fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BlockKind {
+    Random,
+    Text,
+    Zero,
+}
+
+fn pick_kind(rng: &mut Rng) -> BlockKind {
+    match rng.below(100) {
+        0..=54 => BlockKind::Random,
+        55..=79 => BlockKind::Text,
+        _ => BlockKind::Zero,
+    }
+}
+
+const WORDS: [&str; 16] = [
+    "the ",
+    "store ",
+    "keeps ",
+    "every ",
+    "version ",
+    "of ",
+    "a ",
+    "disk ",
+    "image ",
+    "as ",
+    "blocks\n",
+    "kernel: ",
+    "[ok] ",
+    "/usr/lib/",
+    "0x7f3a ",
+    "mount ",
+];
+
+/// Fill `buf` with content of `kind`: incompressible, text-like or zero.
+fn fill_block(rng: &mut Rng, kind: BlockKind, buf: &mut [u8]) {
+    match kind {
+        BlockKind::Zero => buf.fill(0),
+        BlockKind::Random => {
+            for c in buf.chunks_mut(8) {
+                let v = rng.next_u64().to_le_bytes();
+                c.copy_from_slice(&v[..c.len()]);
+            }
+        }
+        BlockKind::Text => {
+            let mut i = 0;
+            // A per-block line number keeps text blocks distinct from each other.
+            let header = format!("log block {:016x}\n", rng.next_u64());
+            let h = header.as_bytes();
+            let n = h.len().min(buf.len());
+            buf[..n].copy_from_slice(&h[..n]);
+            i += n;
+            while i < buf.len() {
+                let w = WORDS[rng.below(WORDS.len() as u64) as usize].as_bytes();
+                let n = w.len().min(buf.len() - i);
+                buf[i..i + n].copy_from_slice(&w[..n]);
+                i += n;
+            }
+        }
+    }
+}
+
+/// Write a raw image of `size` bytes (a multiple of BLOCK) mixing random, text and
+/// zero blocks. Zero blocks are left as holes half of the time.
+fn make_image(path: &Path, size: u64, seed: u64) {
+    let mut rng = Rng::new(seed);
+    let f = fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    let mut buf = vec![0u8; BLOCK];
+    for b in 0..size / BLOCK as u64 {
+        // Block 0 is text, so no random bytes can look like another format's magic.
+        let kind = if b == 0 {
+            BlockKind::Text
+        } else {
+            pick_kind(&mut rng)
+        };
+        if kind == BlockKind::Zero && rng.below(2) == 0 {
+            continue; // a hole
+        }
+        fill_block(&mut rng, kind, &mut buf);
+        f.write_all_at(&buf, b * BLOCK as u64).unwrap();
+    }
+    f.sync_all().unwrap();
+}
+
+/// Copy `src` to `dst`, replacing about `fraction` of its blocks (never block 0)
+/// with new content. Returns how many blocks changed.
+fn mutate_image(src: &Path, dst: &Path, fraction: f64, seed: u64) -> u64 {
+    fs::copy(src, dst).unwrap();
+    let size = fs::metadata(dst).unwrap().len();
+    let blocks = size / BLOCK as u64;
+    let f = fs::OpenOptions::new().write(true).open(dst).unwrap();
+    let mut rng = Rng::new(seed ^ 0x5EED);
+    let threshold = (fraction * 1_000_000.0) as u64;
+    let mut buf = vec![0u8; BLOCK];
+    let mut changed = 0;
+    for b in 1..blocks {
+        if rng.below(1_000_000) < threshold {
+            // Mostly new data: mutated blocks should cost the importer real work.
+            let kind = match rng.below(10) {
+                0..=6 => BlockKind::Random,
+                7..=8 => BlockKind::Text,
+                _ => BlockKind::Zero,
+            };
+            fill_block(&mut rng, kind, &mut buf);
+            f.write_all_at(&buf, b * BLOCK as u64).unwrap();
+            changed += 1;
+        }
+    }
+    f.sync_all().unwrap();
+    changed
+}
+
+// ---------------------------------------------------------------------------------
+// Running strata
+// ---------------------------------------------------------------------------------
+
+fn strata(store: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_strata"));
+    c.env_remove("STRATA_STORE")
+        .env_remove("STRATA_LOG")
+        .arg("--store")
+        .arg(store)
+        .arg("--quiet");
+    c
+}
+
+fn describe(args: &[&str], out: &Output) -> String {
+    format!(
+        "strata {}\nstatus: {}\nstdout:\n{}\nstderr:\n{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Run a command that must succeed; returns its stdout.
+fn run_ok(store: &Path, args: &[&str]) -> String {
+    let out = strata(store).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "command failed:\n{}",
+        describe(args, &out)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Run a command with `--json` that must succeed; returns its JSON document.
+fn run_json(store: &Path, args: &[&str]) -> Value {
+    let out = strata(store).arg("--json").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "command failed:\n{}",
+        describe(args, &out)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("bad JSON ({e}):\n{}", describe(args, &out)))
+}
+
+/// Import `file` into `target` (IMAGE or IMAGE:BRANCH); returns the version id.
+fn import(store: &Path, file: &Path, target: &str, msg: &str) -> String {
+    let v = run_json(
+        store,
+        &["import", file.to_str().unwrap(), target, "-m", msg],
+    );
+    v["version"].as_str().unwrap().to_string()
+}
+
+/// `strata verify` must exit 0 and say ok; returns the report.
+fn verify_ok(store: &Path, when: &str) -> Value {
+    let out = strata(store).args(["--json", "verify"]).output().unwrap();
+    let text = describe(&["--json", "verify"], &out);
+    assert!(out.status.success(), "verify failed {when}:\n{text}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["ok"], Value::Bool(true), "verify not ok {when}:\n{text}");
+    v["report"].clone()
+}
+
+/// After a complete gc with nothing running: nothing unclaimed, no temporary files,
+/// no session lock files, and a second gc finds nothing to do.
+fn assert_clean_after_gc(store: &Path, when: &str) {
+    let report = verify_ok(store, when);
+    assert_eq!(
+        report["unclaimed_packs"].as_u64(),
+        Some(0),
+        "unclaimed packs after gc {when}: {report}"
+    );
+    let tmp: Vec<_> = fs::read_dir(store.join("tmp"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        tmp.is_empty(),
+        "STORE/tmp not empty after gc {when}: {tmp:?}"
+    );
+    let sessions: Vec<_> = fs::read_dir(store.join("sessions"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        sessions.is_empty(),
+        "session lock files left after gc {when}: {sessions:?}"
+    );
+    let again = run_json(store, &["gc"]);
+    for key in [
+        "dead_sessions",
+        "deleted_objects",
+        "deleted_versions",
+        "packs_deleted",
+        "packs_rewritten",
+        "orphan_packs_deleted",
+    ] {
+        assert_eq!(
+            again[key].as_u64(),
+            Some(0),
+            "a second gc still had work ({key}) {when}: {again}"
+        );
+    }
+}
+
+/// Tip of a branch (`IMAGE` or `IMAGE:BRANCH` resolved as `log` does) and its parents.
+fn tip(store: &Path, spec: &str) -> (String, Vec<String>) {
+    let v = run_json(store, &["log", spec, "-n", "1"]);
+    let top = &v[0];
+    let parents = top["parents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect();
+    (top["id"].as_str().unwrap().to_string(), parents)
+}
+
+/// Are two raw files identical as disks? (`qemu-img compare`: 0 same, 1 different.)
+fn same_disk(a: &Path, b: &Path) -> bool {
+    let out = Command::new("qemu-img")
+        .args(["compare", "-q", "-f", "raw", "-F", "raw"])
+        .arg(a)
+        .arg(b)
+        .output()
+        .unwrap();
+    match out.status.code() {
+        Some(0) => true,
+        Some(1) => false,
+        _ => panic!(
+            "qemu-img compare {} {} failed: {}",
+            a.display(),
+            b.display(),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+/// Export `spec` to a scratch file and return its path.
+fn export(store: &Path, spec: &str, scratch: &Path) -> PathBuf {
+    let out = scratch.join("export.raw");
+    run_ok(store, &["export", spec, out.to_str().unwrap(), "--force"]);
+    out
+}
+
+/// `spec` must export identical to `original`.
+fn assert_exports(store: &Path, spec: &str, original: &Path, scratch: &Path, when: &str) {
+    let out = export(store, spec, scratch);
+    assert!(
+        same_disk(&out, original),
+        "{spec} no longer exports identical to {} {when}",
+        original.display()
+    );
+    fs::remove_file(out).unwrap();
+}
+
+/// What a child ended with: exited on its own (with this status) or killed by us.
+#[derive(Debug)]
+enum Fate {
+    Finished(ExitStatus),
+    Killed,
+}
+
+/// SIGKILL `child` (unless it has already exited) and reap it.
+fn kill_and_reap(child: &mut Child) -> (Fate, String) {
+    let fate = match child.try_wait().unwrap() {
+        Some(st) => Fate::Finished(st),
+        None => {
+            // Child::kill sends SIGKILL; the child may exit on its own just before.
+            let _ = child.kill();
+            let st = child.wait().unwrap();
+            if st.signal() == Some(libc::SIGKILL) {
+                Fate::Killed
+            } else {
+                Fate::Finished(st)
+            }
+        }
+    };
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut stderr);
+    }
+    (fate, stderr)
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for e in fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let t = e.file_type().unwrap();
+        let dest = to.join(e.file_name());
+        if t.is_dir() {
+            copy_dir(&e.path(), &dest);
+        } else {
+            fs::copy(e.path(), &dest).unwrap();
+        }
+    }
+}
+
+fn short(id: &str) -> &str {
+    &id[..12.min(id.len())]
+}
+
+fn sleep_ms(ms: u64) {
+    std::thread::sleep(Duration::from_millis(ms));
+}
+
+fn new_store(dir: &Path) -> PathBuf {
+    let store = dir.join("store");
+    run_ok(&store, &["init"]);
+    store
+}
+
+// ---------------------------------------------------------------------------------
+// 1. kill -9 during import
+// ---------------------------------------------------------------------------------
+
+#[test]
+fn kill_9_during_import_leaves_old_tip_or_complete_version() {
+    // Each import writes well over one pack (64 MiB) of new data, so kills also land
+    // between a pack's rename into place and its indexing, and after some packs are
+    // indexed but before the commit.
+    const SIZE: u64 = 128 * MIB;
+    const CHANGED: f64 = 0.9;
+    const ITERATIONS: u64 = 5;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let store = new_store(d);
+    let scratch = d.join("scratch");
+    fs::create_dir(&scratch).unwrap();
+
+    let v1_file = d.join("v1.raw");
+    let v2_file = d.join("v2.raw");
+    make_image(&v1_file, SIZE, 1);
+    mutate_image(&v1_file, &v2_file, 0.25, 2);
+    let v1 = import(&store, &v1_file, "img", "v1");
+    run_ok(&store, &["tag", "add", "img@main", "v1"]);
+    let v2 = import(&store, &v2_file, "img", "v2");
+    run_ok(&store, &["tag", "add", "img@main", "v2"]);
+    eprintln!("v1 {} v2 {}", short(&v1), short(&v2));
+    let bigger = d.join("bigger.raw");
+
+    // How long does a full import of such a file take? Measure (twice, keep the
+    // shorter) on copies of the store.
+    let t_ms = (0..2)
+        .map(|n| {
+            let probe = d.join("probe");
+            copy_dir(&store, &probe);
+            mutate_image(&v2_file, &bigger, CHANGED, 900 + n);
+            let t = Instant::now();
+            import(&probe, &bigger, "img", "probe");
+            let ms = t.elapsed().as_millis() as u64;
+            fs::remove_dir_all(&probe).unwrap();
+            eprintln!("probe {ms}");
+            ms
+        })
+        .min()
+        .unwrap()
+        .max(20);
+    eprintln!("a full import takes about {t_ms} ms");
+
+    let mut rng = Rng::new(0x1A7E);
+    let (mut killed, mut finished) = (0, 0);
+    for i in 0..ITERATIONS {
+        let changed = mutate_image(&v2_file, &bigger, CHANGED, 100 + i);
+        let delay = rng.below(t_ms + 1);
+        let mut child = strata(&store)
+            .args(["import", bigger.to_str().unwrap(), "img", "-m", "x"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        let st = child.wait().unwrap();
+        eprintln!("DEBUG import took {} ms {st}", started.elapsed().as_millis());
+        let (fate, stderr) = kill_and_reap(&mut child);
+        let (after, parents) = tip(&store, "img");
+        let tmp_files = fs::read_dir(store.join("tmp")).unwrap().count();
+        eprintln!(
+            "import #{i}: {changed} blocks changed, kill after {delay} ms: {fate:?}; tip {} -> {}; {tmp_files} files left in tmp",
+            short(&v2),
+            short(&after)
+        );
+        if let Fate::Finished(st) = &fate {
+            assert!(
+                st.success(),
+                "import #{i} failed on its own: {st}\n{stderr}"
+            );
+        }
+        let when = format!("after import #{i} (killed after {delay} ms)");
+        let report = verify_ok(&store, &when);
+        eprintln!("  verify ok; unclaimed packs {}", report["unclaimed_packs"]);
+        if after == v2 {
+            // The old tip, still holding the old content.
+            assert!(
+                !matches!(fate, Fate::Finished(_)),
+                "import #{i} finished but the tip did not move"
+            );
+            killed += 1;
+        } else {
+            // A new version: complete, on top of the old tip, holding the new file.
+            assert_eq!(
+                parents,
+                vec![v2.clone()],
+                "import #{i}: new tip has wrong parents"
+            );
+            let out = export(&store, "img", &scratch);
+            assert!(
+                same_disk(&out, &bigger),
+                "import #{i}: new tip {} is not the imported file (a partial version?); same as the old tip: {}",
+                short(&after),
+                same_disk(&out, &v2_file)
+            );
+            fs::remove_file(out).unwrap();
+            // Move main back to v2 (what the new version holds becomes garbage), so
+            // every iteration starts from the same tip and the store stays small.
+            run_ok(&store, &["branch", "rm", "img", "main"]);
+            run_ok(&store, &["branch", "add", "img@v2", "main"]);
+            finished += 1;
+        }
+        assert_eq!(tip(&store, "img@v1").0, v1);
+        assert_eq!(tip(&store, "img@v2").0, v2);
+        assert_eq!(tip(&store, "img").0, v2);
+        assert_exports(&store, "img@v1", &v1_file, &scratch, &when);
+        assert_exports(&store, "img@v2", &v2_file, &scratch, &when);
+
+        if i % 5 == 4 {
+            let r = run_json(&store, &["gc"]);
+            eprintln!("  gc: {r}");
+            let when = format!("{when}, then gc");
+            assert_clean_after_gc(&store, &when);
+            assert_eq!(tip(&store, "img").0, v2);
+            assert_exports(&store, "img@v1", &v1_file, &scratch, &when);
+            assert_exports(&store, "img@v2", &v2_file, &scratch, &when);
+        }
+    }
+    eprintln!("{killed} imports killed, {finished} finished");
+    // The last iteration ended with a gc: only v1 and v2 remain.
+    let report = verify_ok(&store, "at the end");
+    assert_eq!(report["versions"].as_u64(), Some(2), "{report}");
+}
+
+// ---------------------------------------------------------------------------------
+// 2. kill -9 during gc
+// ---------------------------------------------------------------------------------
+
+/// A ref that survives gc and the file its version was imported from.
+struct Expect {
+    spec: &'static str,
+    file: PathBuf,
+}
+
+#[test]
+fn kill_9_during_gc_never_loses_live_data() {
+    const ITERATIONS: u64 = 20;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let store = new_store(d);
+    let scratch = d.join("scratch");
+    fs::create_dir(&scratch).unwrap();
+    let f = |n: &str| d.join(format!("{n}.raw"));
+
+    // a1 on branch "old" (tagged too), a2 (half of a1's blocks changed) on main with
+    // no parent: deleting "old" and its tag leaves a1's packs about half dead, so gc
+    // rewrites them.
+    make_image(&f("a1"), 96 * MIB, 10);
+    mutate_image(&f("a1"), &f("a2"), 0.5, 11);
+    import(&store, &f("a1"), "a:old", "a1");
+    run_ok(&store, &["tag", "add", "a@old", "rel"]);
+    import(&store, &f("a2"), "a:main", "a2");
+    // b1 <- b2 on b:main, tag keep at b2; c cloned from b2 with c2 on top.
+    make_image(&f("b1"), 48 * MIB, 20);
+    mutate_image(&f("b1"), &f("b2"), 0.25, 21);
+    mutate_image(&f("b2"), &f("c2"), 0.125, 22);
+    import(&store, &f("b1"), "b", "b1");
+    import(&store, &f("b2"), "b", "b2");
+    run_ok(&store, &["tag", "add", "b@main", "keep"]);
+    run_ok(&store, &["clone", "b@keep", "c"]);
+    import(&store, &f("c2"), "c", "c2");
+    // d: a whole image to delete, so gc also deletes whole packs.
+    make_image(&f("d1"), 40 * MIB, 30);
+    import(&store, &f("d1"), "d", "d1");
+
+    run_ok(&store, &["branch", "rm", "a", "old"]);
+    run_ok(&store, &["tag", "rm", "a", "rel"]);
+    run_ok(&store, &["rm", "d"]);
+    let expect = [
+        Expect {
+            spec: "a",
+            file: f("a2"),
+        },
+        Expect {
+            spec: "b",
+            file: f("b2"),
+        },
+        Expect {
+            spec: "b@keep",
+            file: f("b2"),
+        },
+        Expect {
+            spec: "b@main~1",
+            file: f("b1"),
+        },
+        Expect {
+            spec: "c",
+            file: f("c2"),
+        },
+        Expect {
+            spec: "c@main~1",
+            file: f("b2"),
+        },
+    ];
+    let before = verify_ok(&store, "before any gc");
+    assert_eq!(before["versions"].as_u64(), Some(6), "{before}");
+    let stored_before = run_json(&store, &["stats"])["stored_bytes"]
+        .as_u64()
+        .unwrap();
+
+    let pristine = d.join("pristine");
+    copy_dir(&store, &pristine);
+    // How long does a complete gc take? Measure on a copy.
+    let t_ms = {
+        let probe = d.join("probe");
+        copy_dir(&pristine, &probe);
+        let t = Instant::now();
+        let r = run_json(&probe, &["gc"]);
+        let ms = t.elapsed().as_millis() as u64;
+        eprintln!("probe gc: {r}");
+        assert!(
+            r["packs_deleted"].as_u64().unwrap() > 0,
+            "the setup gives gc no pack to delete: {r}"
+        );
+        assert!(
+            r["packs_rewritten"].as_u64().unwrap() > 0,
+            "the setup gives gc no pack to rewrite: {r}"
+        );
+        fs::remove_dir_all(&probe).unwrap();
+        ms.max(20)
+    };
+    eprintln!("a complete gc takes about {t_ms} ms; stored before: {stored_before}");
+
+    let mut rng = Rng::new(0x6C);
+    for i in 0..ITERATIONS {
+        if i % 5 == 0 && i > 0 {
+            // Start over from the store before any gc, so later kills hit real work again
+            // (in between, each gc resumes whatever the killed ones left).
+            fs::remove_dir_all(&store).unwrap();
+            copy_dir(&pristine, &store);
+            eprintln!("gc #{i}: store restored from before any gc");
+        }
+        let delay = rng.below(t_ms + 1);
+        let mut child = strata(&store)
+            .args(["gc"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        sleep_ms(delay);
+        let (fate, stderr) = kill_and_reap(&mut child);
+        let packs = fs::read_dir(store.join("packs"))
+            .unwrap()
+            .flatten()
+            .map(|e| fs::read_dir(e.path()).map_or(0, |r| r.count()))
+            .sum::<usize>();
+        eprintln!("gc #{i}: kill after {delay} ms: {fate:?}; {packs} pack files");
+        if let Fate::Finished(st) = &fate {
+            assert!(st.success(), "gc #{i} failed on its own: {st}\n{stderr}");
+        }
+        let report = verify_ok(&store, &format!("after gc #{i} was killed at {delay} ms"));
+        eprintln!(
+            "  verify ok: {} packs, {} versions, {} unclaimed",
+            report["packs"], report["versions"], report["unclaimed_packs"]
+        );
+        for e in &expect {
+            assert_exports(
+                &store,
+                e.spec,
+                &e.file,
+                &scratch,
+                &format!("after gc #{i} (killed at {delay} ms)"),
+            );
+        }
+    }
+
+    let r = run_json(&store, &["gc"]);
+    eprintln!("final gc: {r}");
+    assert_clean_after_gc(&store, "after the final gc");
+    let after = verify_ok(&store, "after the final gc");
+    assert_eq!(
+        after["versions"].as_u64(),
+        Some(4),
+        "a1 and d1 should be gone: {after}"
+    );
+    let images = run_json(&store, &["images"]);
+    let names: Vec<&str> = images
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["a", "b", "c"]);
+    let stored_after = run_json(&store, &["stats"])["stored_bytes"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        stored_after < stored_before,
+        "gc reclaimed nothing: {stored_before} -> {stored_after}"
+    );
+    for e in &expect {
+        assert_exports(&store, e.spec, &e.file, &scratch, "after the final gc");
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// 3. gc while another process imports
+// ---------------------------------------------------------------------------------
+
+/// Run `strata gc` in a loop until `stop` is set, counting completed runs in `count`.
+fn gc_loop(
+    store: PathBuf,
+    stop: Arc<AtomicBool>,
+    seed: u64,
+    count: Arc<AtomicU64>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut rng = Rng::new(seed);
+        while !stop.load(Ordering::SeqCst) {
+            let out = strata(&store).args(["--json", "gc"]).output().unwrap();
+            assert!(
+                out.status.success(),
+                "concurrent gc failed:\n{}",
+                describe(&["--json", "gc"], &out)
+            );
+            let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+            let n = count.fetch_add(1, Ordering::SeqCst);
+            eprintln!(
+                "    gc {n}: {} deleted objects, {} deleted versions, {} packs deleted, {} rewritten",
+                r["deleted_objects"], r["deleted_versions"], r["packs_deleted"], r["packs_rewritten"]
+            );
+            sleep_ms(rng.below(15));
+        }
+    })
+}
+
+#[test]
+fn gc_during_import_of_content_it_considers_garbage_loses_nothing() {
+    const ROUNDS: u64 = 4;
+    const SIZE: u64 = 64 * MIB;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let store = new_store(d);
+    let scratch = d.join("scratch");
+    fs::create_dir(&scratch).unwrap();
+    let mut rng = Rng::new(0xC0C0);
+    // (version, file) of everything imported into "live"; all must survive.
+    let mut kept: Vec<(String, PathBuf)> = Vec::new();
+
+    // Time one import of such a file, to spread the gc start over it.
+    let t_ms = {
+        let probe = d.join("probe");
+        run_ok(&probe, &["init"]);
+        let p = d.join("probe.raw");
+        make_image(&p, SIZE, 7);
+        let t = Instant::now();
+        import(&probe, &p, "x", "probe");
+        let ms = t.elapsed().as_millis() as u64;
+        fs::remove_dir_all(&probe).unwrap();
+        fs::remove_file(&p).unwrap();
+        ms.max(20)
+    };
+    eprintln!("an import takes about {t_ms} ms");
+
+    for r in 0..ROUNDS {
+        let a = d.join(format!("a{r}.raw"));
+        let a2 = d.join(format!("a{r}-changed.raw"));
+        make_image(&a, SIZE, 40 + r);
+        mutate_image(&a, &a2, 1.0 / 32.0, 50 + r);
+        // A enters the store and becomes garbage: every block of A' but a few is a
+        // chunk gc wants to delete.
+        let src = format!("src{r}");
+        import(&store, &a, &src, "to be deleted");
+        run_ok(&store, &["rm", &src]);
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let count = Arc::new(AtomicU64::new(0));
+        let delay = rng.below(t_ms + 1);
+        let gc_first = r % 2 == 0;
+        eprintln!(
+            "round {r}: {} first, the other after {delay} ms",
+            if gc_first { "gc loop" } else { "import" }
+        );
+        let mut gc_thread = None;
+        if gc_first {
+            gc_thread = Some(gc_loop(store.clone(), stop.clone(), r, count.clone()));
+            sleep_ms(delay);
+        }
+        // Two imports in a row: A' onto live:main, then A itself (all garbage chunks)
+        // onto live:orig.
+        let importer = {
+            let (store, a, a2) = (store.clone(), a.clone(), a2.clone());
+            std::thread::spawn(move || {
+                let first = import(&store, &a2, "live", &format!("round {r} changed"));
+                let second = import(&store, &a, "live:orig", &format!("round {r} original"));
+                (first, second)
+            })
+        };
+        if !gc_first {
+            sleep_ms(delay);
+            gc_thread = Some(gc_loop(store.clone(), stop.clone(), r, count.clone()));
+        }
+        let joined = importer.join();
+        stop.store(true, Ordering::SeqCst);
+        gc_thread.unwrap().join().expect("gc loop failed");
+        let (first, second) = joined.expect("import failed");
+        eprintln!(
+            "round {r}: imported {} and {} while {} gcs ran",
+            short(&first),
+            short(&second),
+            count.load(Ordering::SeqCst)
+        );
+        kept.push((first.clone(), a2.clone()));
+        kept.push((second.clone(), a.clone()));
+
+        let when = format!("after round {r}");
+        verify_ok(&store, &when);
+        assert_eq!(tip(&store, "live").0, first);
+        assert_eq!(tip(&store, "live:orig").0, second);
+        assert_exports(&store, "live", &a2, &scratch, &when);
+        assert_exports(&store, "live:orig", &a, &scratch, &when);
+        // Once more after a gc that runs alone: the new versions must own all they need.
+        run_json(&store, &["gc"]);
+        assert_clean_after_gc(&store, &when);
+        for (v, file) in &kept {
+            assert_exports(
+                &store,
+                &format!("live@{v}"),
+                file,
+                &scratch,
+                &format!("{when}, then gc"),
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// 4. two imports race for one branch
+// ---------------------------------------------------------------------------------
+
+fn spawn_import(store: &Path, file: &Path, target: &str) -> Child {
+    strata(store)
+        .args([
+            "--json",
+            "import",
+            file.to_str().unwrap(),
+            target,
+            "-m",
+            "race",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn concurrent_imports_to_one_branch_one_wins_other_conflicts() {
+    const RACES: u64 = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let store = new_store(d);
+    let scratch = d.join("scratch");
+    fs::create_dir(&scratch).unwrap();
+
+    let mut size = 64 * MIB;
+    let base = d.join("base.raw");
+    make_image(&base, size, 60);
+    let v0 = import(&store, &base, "img", "base");
+    let mut cur_id = v0.clone();
+    // The file the tip was imported from (files are never overwritten).
+    let mut cur_file = base.clone();
+    // Every version ever committed to img, with its file: none may be lost.
+    let mut history: Vec<(String, PathBuf)> = vec![(v0, base.clone())];
+
+    let mut races = 0;
+    let mut attempt = 0;
+    while races < RACES {
+        attempt += 1;
+        assert!(
+            attempt <= RACES + 3,
+            "the imports never overlapped, even at {} MiB",
+            size / MIB
+        );
+        let x = d.join(format!("x{attempt}.raw"));
+        let y = d.join(format!("y{attempt}.raw"));
+        // Both start from the current tip's content and change half of it differently.
+        mutate_image(&cur_file, &x, 0.5, 1000 + attempt);
+        mutate_image(&cur_file, &y, 0.5, 2000 + attempt);
+        // Both read the tip as they start, long before either can commit.
+        let cx = spawn_import(&store, &x, "img");
+        let cy = spawn_import(&store, &y, "img");
+        let ox = cx.wait_with_output().unwrap();
+        let oy = cy.wait_with_output().unwrap();
+        let dx = describe(&["import", "x"], &ox);
+        let dy = describe(&["import", "y"], &oy);
+        let id_of = |o: &Output| -> String {
+            let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+            v["version"].as_str().unwrap().to_string()
+        };
+        let summary = |o: &Output| -> String {
+            if o.status.success() {
+                format!("committed {}", short(&id_of(o)))
+            } else {
+                format!(
+                    "{}: {}",
+                    o.status,
+                    String::from_utf8_lossy(&o.stderr).trim()
+                )
+            }
+        };
+        eprintln!(
+            "race {attempt} ({} MiB) from {}:\n  x: {}\n  y: {}",
+            size / MIB,
+            short(&cur_id),
+            summary(&ox),
+            summary(&oy)
+        );
+        match (ox.status.success(), oy.status.success()) {
+            (true, true) => {
+                // They did not overlap: the second saw the first's tip. Nothing is lost;
+                // try again with bigger images.
+                let (ix, iy) = (id_of(&ox), id_of(&oy));
+                let (t, parents) = tip(&store, "img");
+                let (first, second, first_file, second_file) = if t == iy {
+                    (ix, iy, &x, &y)
+                } else {
+                    (iy, ix, &y, &x)
+                };
+                assert_eq!(t, second);
+                assert_eq!(
+                    parents,
+                    vec![first.clone()],
+                    "both imports succeeded but not one after the other"
+                );
+                verify_ok(&store, &format!("after race {attempt}"));
+                assert_exports(
+                    &store,
+                    &format!("img@{first}"),
+                    first_file,
+                    &scratch,
+                    "after a sequential race",
+                );
+                assert_exports(
+                    &store,
+                    "img",
+                    second_file,
+                    &scratch,
+                    "after a sequential race",
+                );
+                history.push((first, first_file.clone()));
+                history.push((second, second_file.clone()));
+                size *= 2;
+                eprintln!("  no overlap; retrying at {} MiB", size / MIB);
+                cur_file = d.join(format!("cur{attempt}.raw"));
+                make_image(&cur_file, size, 600 + attempt);
+                cur_id = import(&store, &cur_file, "img", "bigger base");
+                history.push((cur_id.clone(), cur_file.clone()));
+                continue;
+            }
+            (false, false) => panic!("both imports failed:\n{dx}\n{dy}"),
+            _ => {}
+        }
+        let (won, lost, won_file, lost_file, lost_out) = if ox.status.success() {
+            (id_of(&ox), "y", &x, &y, &dy)
+        } else {
+            (id_of(&oy), "x", &y, &x, &dx)
+        };
+        assert!(
+            lost_out.contains("moved while"),
+            "the losing import ({lost}) did not fail with the compare-and-swap conflict:\n{lost_out}"
+        );
+        eprintln!("  winner {}, {lost} lost with a conflict", short(&won));
+        let log = run_json(&store, &["log", "img", "-n", "2"]);
+        assert_eq!(
+            log[0]["id"].as_str(),
+            Some(won.as_str()),
+            "winner is not on top: {log}"
+        );
+        assert_eq!(log[0]["parents"], serde_json::json!([cur_id]), "{log}");
+        assert_eq!(log[1]["id"].as_str(), Some(cur_id.as_str()), "{log}");
+        verify_ok(&store, &format!("after race {attempt}"));
+        assert_exports(
+            &store,
+            "img",
+            won_file,
+            &scratch,
+            &format!("after race {attempt}"),
+        );
+        assert_exports(
+            &store,
+            "img@main~1",
+            &cur_file,
+            &scratch,
+            &format!("after race {attempt}"),
+        );
+        history.push((won.clone(), won_file.clone()));
+        // The loser's data is not lost: importing it again now succeeds on the winner.
+        let again = import(&store, lost_file, "img", "retry after conflict");
+        assert_eq!(tip(&store, "img"), (again.clone(), vec![won.clone()]));
+        assert_exports(
+            &store,
+            "img",
+            lost_file,
+            &scratch,
+            &format!("after retrying race {attempt}"),
+        );
+        history.push((again.clone(), lost_file.clone()));
+        cur_id = again;
+        cur_file = lost_file.clone();
+        races += 1;
+    }
+
+    run_json(&store, &["gc"]);
+    assert_clean_after_gc(&store, "after the races");
+    for (v, file) in &history {
+        assert_exports(
+            &store,
+            &format!("img@{v}"),
+            file,
+            &scratch,
+            "after the races and gc",
+        );
+    }
+}
