@@ -351,23 +351,25 @@ fn refs(ctx: &Ctx, kind: RefKind, cmd: RefCommand) -> Result<ExitCode> {
 }
 
 #[derive(Serialize)]
-struct Range {
+pub struct Range {
     offset: u64,
     length: u64,
 }
 
 #[derive(Serialize)]
-struct DiffOut {
+pub struct DiffOut {
     a: String,
     b: String,
+    a_size: u64,
+    b_size: u64,
     block_size: u32,
     changed_blocks: u64,
     changed_bytes: u64,
     ranges: Vec<Range>,
 }
 
-fn diff(ctx: &Ctx, a: &str, b: &str, stat: bool) -> Result<ExitCode> {
-    let store = ctx.open()?;
+/// Compare two revisions: the byte ranges whose content differs.
+pub fn diff_report(store: &Store, a: &str, b: &str) -> Result<DiffOut> {
     let (sa, sb) = (rev_spec(a)?, rev_spec(b)?);
     let ia = store.resolve(&sa.image, sa.rev.as_deref())?;
     let ib = store.resolve(&sb.image, sb.rev.as_deref())?;
@@ -384,6 +386,8 @@ fn diff(ctx: &Ctx, a: &str, b: &str, stat: bool) -> Result<ExitCode> {
     let mut out = DiffOut {
         a: ia.to_hex(),
         b: ib.to_hex(),
+        a_size: va.virtual_size,
+        b_size: vb.virtual_size,
         block_size: va.block_size,
         changed_blocks: 0,
         changed_bytes: 0,
@@ -395,29 +399,37 @@ fn diff(ctx: &Ctx, a: &str, b: &str, stat: bool) -> Result<ExitCode> {
         let length = (count * bs).min(end - offset);
         out.changed_blocks += count;
         out.changed_bytes += length;
-        if !ctx.json && !stat {
-            println!("{offset:#014x} +{length:#x}  ({})", bytes(length));
-        }
         out.ranges.push(Range { offset, length });
         Ok::<(), strata_store::StoreError>(())
     })?;
-    if va.virtual_size != vb.virtual_size && !ctx.json {
-        println!(
-            "size changed: {} -> {}",
-            bytes(va.virtual_size),
-            bytes(vb.virtual_size)
-        );
-    }
+    Ok(out)
+}
+
+fn diff(ctx: &Ctx, a: &str, b: &str, stat: bool) -> Result<ExitCode> {
+    let store = ctx.open()?;
+    let out = diff_report(&store, a, b)?;
     if ctx.json {
         print_json(&out);
-    } else {
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !stat {
+        for r in &out.ranges {
+            println!("{:#014x} +{:#x}  ({})", r.offset, r.length, bytes(r.length));
+        }
+    }
+    if out.a_size != out.b_size {
         println!(
-            "{} changed in {} ranges ({} blocks)",
-            bytes(out.changed_bytes),
-            out.ranges.len(),
-            out.changed_blocks
+            "size changed: {} -> {}",
+            bytes(out.a_size),
+            bytes(out.b_size)
         );
     }
+    println!(
+        "{} changed in {} ranges ({} blocks)",
+        bytes(out.changed_bytes),
+        out.ranges.len(),
+        out.changed_blocks
+    );
     Ok(ExitCode::SUCCESS)
 }
 

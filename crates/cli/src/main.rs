@@ -30,6 +30,23 @@ pub fn default_store_path() -> PathBuf {
     data.join("strata").join("store")
 }
 
+/// The error and its causes joined by ": ", leaving out a cause whose text the message
+/// already ends with (library errors such as `{path}: {io error}` show their source).
+fn error_message(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if msg.ends_with(&text) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&text);
+    }
+    msg
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -43,9 +60,10 @@ fn main() -> ExitCode {
     match commands::run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            let msg = error_message(&e);
+            eprintln!("error: {msg}");
             if json {
-                output::print_json(&serde_json::json!({ "error": format!("{e:#}") }));
+                output::print_json(&serde_json::json!({ "error": msg }));
             }
             ExitCode::FAILURE
         }

@@ -7,8 +7,12 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 
+use strata_store::{RefKind, Store};
+
 use crate::cli::{Cli, Command};
 use crate::commands::{self, Ctx};
+use crate::import::{ImportReport, ImportRequest};
+use crate::output;
 
 /// A deterministic generator, so every quickstart shows the same numbers.
 struct XorShift(u64);
@@ -64,13 +68,12 @@ fn update_sample(path: &Path) -> Result<()> {
     Ok(())
 }
 
-fn step(title: &str, json: bool) {
-    if !json {
-        println!("\n== {title}");
-        let _ = std::io::stdout().flush();
-    }
+fn step(title: &str) {
+    println!("\n== {title}");
+    let _ = std::io::stdout().flush();
 }
 
+/// Run a strata command as a person would type it (text output).
 fn strata(ctx: &Ctx, args: &[&str]) -> Result<()> {
     use clap::Parser;
     let mut argv = vec![
@@ -78,9 +81,6 @@ fn strata(ctx: &Ctx, args: &[&str]) -> Result<()> {
         "--store".into(),
         ctx.store_path.display().to_string(),
     ];
-    if ctx.json {
-        argv.push("--json".into());
-    }
     if ctx.quiet {
         argv.push("--quiet".into());
     }
@@ -91,6 +91,23 @@ fn strata(ctx: &Ctx, args: &[&str]) -> Result<()> {
     }
     commands::run(cli)?;
     Ok(())
+}
+
+fn import(store: &Store, file: &Path, message: &str) -> Result<ImportReport> {
+    crate::import::import(
+        store,
+        &ImportRequest {
+            file,
+            image: "demo",
+            branch: "main",
+            message,
+            author: "quickstart".into(),
+            format: None,
+            block_size: None,
+            max_backing_depth: 16,
+            quiet: true,
+        },
+    )
 }
 
 pub fn run(ctx: &Ctx, dir: Option<PathBuf>) -> Result<ExitCode> {
@@ -104,42 +121,62 @@ pub fn run(ctx: &Ctx, dir: Option<PathBuf>) -> Result<ExitCode> {
             .tempdir()?
             .keep(),
     };
-    let store = dir.join("store");
+    let store_path = dir.join("store");
     let sample = dir.join("sample.raw");
+    if ctx.json {
+        // One document: what each step produced.
+        let store = Store::init(&store_path)?;
+        make_sample(&sample)?;
+        let v1 = import(&store, &sample, "gold v1")?;
+        let id1 = store.resolve("demo", None)?;
+        store.create_ref("demo", RefKind::Tag, "v1", &id1)?;
+        update_sample(&sample)?;
+        let v2 = import(&store, &sample, "gold v2: patched")?;
+        let log: Vec<serde_json::Value> = store
+            .history(&store.resolve("demo", None)?, 10)?
+            .into_iter()
+            .map(|(id, v)| serde_json::json!({"id": id.to_hex(), "version": v}))
+            .collect();
+        output::print_json(&serde_json::json!({
+            "store": store_path,
+            "sample": sample,
+            "imports": [v1, v2],
+            "log": log,
+            "diff": commands::diff_report(&store, "demo@v1", "demo@main")?,
+            "stats": strata_store::stats::stats(&store)?,
+        }));
+        return Ok(ExitCode::SUCCESS);
+    }
     let sub = Ctx {
-        store_path: store.clone(),
-        json: ctx.json,
+        store_path: store_path.clone(),
+        json: false,
         quiet: ctx.quiet,
     };
-    step(&format!("strata init {}", store.display()), ctx.json);
-    commands::init(&sub, &store)?;
-    step("a 64 MiB sample disk with 12 MiB of files", ctx.json);
+    step(&format!("strata init {}", store_path.display()));
+    commands::init(&sub, &store_path)?;
+    step("a 64 MiB sample disk with 12 MiB of files");
     make_sample(&sample)?;
-    if !ctx.json {
-        println!("{}", sample.display());
-    }
+    println!("{}", sample.display());
     let sample_s = sample.display().to_string();
-    step("strata import sample.raw demo -m 'gold v1'", ctx.json);
+    step("strata import sample.raw demo -m 'gold v1'");
     strata(&sub, &["import", &sample_s, "demo", "-m", "gold v1"])?;
     strata(&sub, &["tag", "add", "demo", "v1"])?;
-    step("update 3 MiB of the disk, then import it again", ctx.json);
+    step("update 3 MiB of the disk, then import it again");
     update_sample(&sample)?;
     strata(
         &sub,
         &["import", &sample_s, "demo", "-m", "gold v2: patched"],
     )?;
-    step("strata log demo", ctx.json);
+    step("strata log demo");
     strata(&sub, &["log", "demo"])?;
-    step("strata diff demo@v1 demo@main", ctx.json);
+    step("strata diff demo@v1 demo@main");
     strata(&sub, &["diff", "demo@v1", "demo@main"])?;
-    step("strata stats", ctx.json);
+    step("strata stats");
     strata(&sub, &["stats"])?;
-    if !ctx.json {
-        println!(
-            "\nThe store is in {}. Try:\n  export STRATA_STORE={}\n  strata export demo@v1 v1.qcow2 --format qcow2\n  strata verify",
-            store.display(),
-            store.display()
-        );
-    }
+    println!(
+        "\nThe store is in {}. Try:\n  export STRATA_STORE={}\n  strata export demo@v1 v1.qcow2 --format qcow2\n  strata verify",
+        store_path.display(),
+        store_path.display()
+    );
     Ok(ExitCode::SUCCESS)
 }

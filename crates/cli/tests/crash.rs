@@ -135,7 +135,6 @@ fn make_image(path: &Path, size: u64, seed: u64) {
         fill_block(&mut rng, kind, &mut buf);
         f.write_all_at(&buf, b * BLOCK as u64).unwrap();
     }
-    f.sync_all().unwrap();
 }
 
 /// Copy `src` to `dst`, replacing about `fraction` of its blocks (never block 0)
@@ -153,8 +152,8 @@ fn mutate_image(src: &Path, dst: &Path, fraction: f64, seed: u64) -> u64 {
         if rng.below(1_000_000) < threshold {
             // Mostly new data: mutated blocks should cost the importer real work.
             let kind = match rng.below(10) {
-                0..=6 => BlockKind::Random,
-                7..=8 => BlockKind::Text,
+                0..=7 => BlockKind::Random,
+                8 => BlockKind::Text,
                 _ => BlockKind::Zero,
             };
             fill_block(&mut rng, kind, &mut buf);
@@ -162,7 +161,6 @@ fn mutate_image(src: &Path, dst: &Path, fraction: f64, seed: u64) -> u64 {
             changed += 1;
         }
     }
-    f.sync_all().unwrap();
     changed
 }
 
@@ -393,9 +391,9 @@ fn kill_9_during_import_leaves_old_tip_or_complete_version() {
     // Each import writes well over one pack (64 MiB) of new data, so kills also land
     // between a pack's rename into place and its indexing, and after some packs are
     // indexed but before the commit.
-    const SIZE: u64 = 128 * MIB;
-    const CHANGED: f64 = 0.9;
-    const ITERATIONS: u64 = 5;
+    const SIZE: u64 = 96 * MIB;
+    const CHANGED: f64 = 0.95;
+    const ITERATIONS: u64 = 25;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let store = new_store(d);
@@ -413,8 +411,9 @@ fn kill_9_during_import_leaves_old_tip_or_complete_version() {
     eprintln!("v1 {} v2 {}", short(&v1), short(&v2));
     let bigger = d.join("bigger.raw");
 
-    // How long does a full import of such a file take? Measure (twice, keep the
-    // shorter) on copies of the store.
+    // How long does a full import of such a file take? Measure twice on copies of the
+    // store and keep the longer (the machine may be busy: kills that come too late
+    // just let the import finish, which is checked too).
     let t_ms = (0..2)
         .map(|n| {
             let probe = d.join("probe");
@@ -424,10 +423,9 @@ fn kill_9_during_import_leaves_old_tip_or_complete_version() {
             import(&probe, &bigger, "img", "probe");
             let ms = t.elapsed().as_millis() as u64;
             fs::remove_dir_all(&probe).unwrap();
-            eprintln!("probe {ms}");
             ms
         })
-        .min()
+        .max()
         .unwrap()
         .max(20);
     eprintln!("a full import takes about {t_ms} ms");
@@ -443,9 +441,7 @@ fn kill_9_during_import_leaves_old_tip_or_complete_version() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let started = Instant::now();
-        let st = child.wait().unwrap();
-        eprintln!("DEBUG import took {} ms {st}", started.elapsed().as_millis());
+        sleep_ms(delay);
         let (fate, stderr) = kill_and_reap(&mut child);
         let (after, parents) = tip(&store, "img");
         let tmp_files = fs::read_dir(store.join("tmp")).unwrap().count();

@@ -38,7 +38,9 @@ fn hundred_gib_sparse_image_in_bounded_memory() {
     let f = std::fs::File::create(&img).unwrap();
     f.set_len(size).unwrap();
     // Data scattered over the whole image: 1 MiB every 10 GiB, and the very end.
-    let chunk: Vec<u8> = (0..1u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let chunk: Vec<u8> = (0..1u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     for gib in (0..100).step_by(10) {
         f.write_all_at(&chunk, gib << 30).unwrap();
     }
