@@ -17,6 +17,20 @@ impl ChunkId {
         ChunkId(*blake3::hash(data).as_bytes())
     }
 
+    /// The id of an object of `kind`. Data is plain BLAKE3; tree nodes and version
+    /// records hash in their own derived-key domains, so no data block can ever have
+    /// the id of a node or record (a crafted disk block cannot stand in for metadata).
+    pub fn for_object(kind: ObjectKind, data: &[u8]) -> ChunkId {
+        let context = match kind {
+            ObjectKind::Data => return ChunkId::of(data),
+            ObjectKind::Tree => "strata 2026-11 tree node",
+            ObjectKind::Version => "strata 2026-11 version record",
+        };
+        let mut h = blake3::Hasher::new_derive_key(context);
+        h.update(data);
+        ChunkId(*h.finalize().as_bytes())
+    }
+
     pub fn from_slice(b: &[u8]) -> Option<ChunkId> {
         Some(ChunkId(b.try_into().ok()?))
     }

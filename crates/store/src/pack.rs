@@ -98,7 +98,7 @@ pub fn decode_payload(entry: &PackEntry, payload: &[u8]) -> Result<Vec<u8>> {
             entry.raw_len
         )));
     }
-    if ChunkId::of(&raw) != entry.id {
+    if ChunkId::for_object(entry.kind, &raw) != entry.id {
         return Err(corrupt("content does not match its hash".into()));
     }
     Ok(raw)

@@ -306,11 +306,7 @@ impl<'s> WriteSession<'s> {
 
     fn store_nodes(&mut self, nodes: Vec<(ChunkId, Vec<u8>)>) -> Result<()> {
         let objs: Vec<(ChunkId, &[u8])> = nodes.iter().map(|(i, b)| (*i, b.as_slice())).collect();
-        let before = self.stats.new_tree_nodes;
-        let n = self.store_objects(ObjectKind::Tree, &objs)?;
-        debug_assert!(self.stats.new_tree_nodes >= before);
-        let _ = n;
-        Ok(())
+        self.store_objects(ObjectKind::Tree, &objs).map(drop)
     }
 
     /// Store objects not yet in the store; returns how many were new.
@@ -465,7 +461,7 @@ impl<'s> WriteSession<'s> {
             data_bytes: self.stats.data_bytes,
         };
         let record = version.encode();
-        let vid = ChunkId::of(&record);
+        let vid = ChunkId::for_object(ObjectKind::Version, &record);
         self.store_objects(ObjectKind::Version, &[(vid, &record)])?;
         self.flush()?;
         let session = self.id.clone();

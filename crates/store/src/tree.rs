@@ -210,7 +210,7 @@ impl TreeBuilder {
             entries,
         }
         .encode();
-        let id = ChunkId::of(&bytes);
+        let id = ChunkId::for_object(crate::id::ObjectKind::Tree, &bytes);
         emit(id, bytes)?;
         Ok(Entry::Present(id))
     }

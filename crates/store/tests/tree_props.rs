@@ -23,7 +23,10 @@ fn build(map: &[Entry], nodes: &mut Nodes) -> (TreeRef, BTreeSet<ChunkId>) {
     let depth = b.depth();
     let mut emitted = BTreeSet::new();
     let mut emit = |id: ChunkId, bytes: Vec<u8>| -> Result<(), String> {
-        assert_eq!(ChunkId::of(&bytes), id);
+        assert_eq!(
+            ChunkId::for_object(strata_store::ObjectKind::Tree, &bytes),
+            id
+        );
         emitted.insert(id);
         nodes.insert(id, bytes);
         Ok(())
