@@ -87,19 +87,14 @@ fn read_batch(img: &dyn DiskImage, bs: u64, first: u64, count: u64) -> Result<Ve
                 i += 1;
             }
             ExtentKind::Data => {
-                let mut j = i;
-                while j < kinds.len() && kinds[j] == ExtentKind::Data {
-                    j += 1;
-                }
+                // Read straight into the block's own buffer: no staging copy.
                 let off = start + i as u64 * bs;
-                let len = ((j - i) as u64 * bs).min(size - off);
+                let len = bs.min(size - off);
                 let mut buf = vec![0u8; len as usize];
                 img.read_at(&mut buf, off)
                     .with_context(|| format!("reading {len} bytes at offset {off}"))?;
-                for piece in buf.chunks(bs as usize) {
-                    out.push(BlockInput::Data(piece.to_vec()));
-                }
-                i = j;
+                out.push(BlockInput::Data(buf));
+                i += 1;
             }
         }
     }

@@ -434,7 +434,13 @@ fn kill_9_during_import_leaves_old_tip_or_complete_version() {
     let (mut killed, mut finished) = (0, 0);
     for i in 0..ITERATIONS {
         let changed = mutate_image(&v2_file, &bigger, CHANGED, 100 + i);
-        let delay = rng.below(t_ms + 1);
+        // Half the kills anywhere, half late (pack flushes and the commit come last);
+        // some come after the import has finished.
+        let delay = if i % 2 == 0 {
+            rng.below(t_ms + 1)
+        } else {
+            t_ms * 3 / 5 + rng.below(t_ms * 3 / 5 + 1)
+        };
         let mut child = strata(&store)
             .args(["import", bigger.to_str().unwrap(), "img", "-m", "x"])
             .stdout(Stdio::null())
@@ -519,16 +525,11 @@ struct Expect {
     file: PathBuf,
 }
 
-#[test]
-fn kill_9_during_gc_never_loses_live_data() {
-    const ITERATIONS: u64 = 20;
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
+/// A store where gc has real work: whole packs to delete and packs about half dead to
+/// rewrite. Returns the store, the refs that must survive, and its stored bytes.
+fn store_with_garbage(d: &Path) -> (PathBuf, Vec<Expect>) {
     let store = new_store(d);
-    let scratch = d.join("scratch");
-    fs::create_dir(&scratch).unwrap();
     let f = |n: &str| d.join(format!("{n}.raw"));
-
     // a1 on branch "old" (tagged too), a2 (half of a1's blocks changed) on main with
     // no parent: deleting "old" and its tag leaves a1's packs about half dead, so gc
     // rewrites them.
@@ -554,69 +555,82 @@ fn kill_9_during_gc_never_loses_live_data() {
     run_ok(&store, &["tag", "rm", "a", "rel"]);
     run_ok(&store, &["rm", "d"]);
     let expect = [
-        Expect {
-            spec: "a",
-            file: f("a2"),
-        },
-        Expect {
-            spec: "b",
-            file: f("b2"),
-        },
-        Expect {
-            spec: "b@keep",
-            file: f("b2"),
-        },
-        Expect {
-            spec: "b@main~1",
-            file: f("b1"),
-        },
-        Expect {
-            spec: "c",
-            file: f("c2"),
-        },
-        Expect {
-            spec: "c@main~1",
-            file: f("b2"),
-        },
-    ];
+        ("a", "a2"),
+        ("b", "b2"),
+        ("b@keep", "b2"),
+        ("b@main~1", "b1"),
+        ("c", "c2"),
+        ("c@main~1", "b2"),
+    ]
+    .into_iter()
+    .map(|(spec, file)| Expect {
+        spec,
+        file: f(file),
+    })
+    .collect();
     let before = verify_ok(&store, "before any gc");
     assert_eq!(before["versions"].as_u64(), Some(6), "{before}");
-    let stored_before = run_json(&store, &["stats"])["stored_bytes"]
-        .as_u64()
-        .unwrap();
+    (store, expect)
+}
 
+fn stored_bytes(store: &Path) -> u64 {
+    run_json(store, &["stats"])["stored_bytes"]
+        .as_u64()
+        .unwrap()
+}
+
+fn pack_files(store: &Path) -> usize {
+    fs::read_dir(store.join("packs"))
+        .unwrap()
+        .flatten()
+        .map(|e| fs::read_dir(e.path()).map_or(0, |r| r.count()))
+        .sum()
+}
+
+/// An uninterrupted gc on a copy of `store`: its report and how long it took.
+fn probe_gc(store: &Path, probe: &Path) -> (Value, u64) {
+    copy_dir(store, probe);
+    let t = Instant::now();
+    let r = run_json(probe, &["gc"]);
+    let ms = t.elapsed().as_millis() as u64;
+    fs::remove_dir_all(probe).unwrap();
+    eprintln!("uninterrupted gc ({ms} ms): {r}");
+    assert!(
+        r["packs_deleted"].as_u64().unwrap() > 0,
+        "the setup gives gc no pack to delete: {r}"
+    );
+    assert!(
+        r["packs_rewritten"].as_u64().unwrap() > 0,
+        "the setup gives gc no pack to rewrite: {r}"
+    );
+    (r, ms)
+}
+
+/// What a pack's index and a few entry headers may add when the same live objects
+/// are packed differently (a resumed gc need not split them into packs identically).
+const PACKING_SLACK: u64 = MIB;
+
+#[test]
+fn kill_9_during_gc_never_loses_live_data() {
+    const ITERATIONS: u64 = 20;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (store, expect) = store_with_garbage(d);
+    let scratch = d.join("scratch");
+    fs::create_dir(&scratch).unwrap();
+    let stored_before = stored_bytes(&store);
     let pristine = d.join("pristine");
     copy_dir(&store, &pristine);
-    // How long does a complete gc take? Measure on a copy.
-    let t_ms = {
-        let probe = d.join("probe");
-        copy_dir(&pristine, &probe);
-        let t = Instant::now();
-        let r = run_json(&probe, &["gc"]);
-        let ms = t.elapsed().as_millis() as u64;
-        eprintln!("probe gc: {r}");
-        assert!(
-            r["packs_deleted"].as_u64().unwrap() > 0,
-            "the setup gives gc no pack to delete: {r}"
-        );
-        assert!(
-            r["packs_rewritten"].as_u64().unwrap() > 0,
-            "the setup gives gc no pack to rewrite: {r}"
-        );
-        fs::remove_dir_all(&probe).unwrap();
-        ms.max(20)
-    };
-    eprintln!("a complete gc takes about {t_ms} ms; stored before: {stored_before}");
+    let (probe, t_ms) = probe_gc(&pristine, &d.join("probe"));
+    let t_ms = t_ms.max(20);
+    let clean_bytes = probe["bytes_after"].as_u64().unwrap();
+    eprintln!("stored before gc: {stored_before}, after an uninterrupted gc: {clean_bytes}");
 
     let mut rng = Rng::new(0x6C);
+    // Chains of killed gcs ended by one that finished, and what they left stored.
+    let mut chains: Vec<(u64, u64)> = Vec::new();
+    let mut chain_start = 0;
     for i in 0..ITERATIONS {
-        if i % 5 == 0 && i > 0 {
-            // Start over from the store before any gc, so later kills hit real work again
-            // (in between, each gc resumes whatever the killed ones left).
-            fs::remove_dir_all(&store).unwrap();
-            copy_dir(&pristine, &store);
-            eprintln!("gc #{i}: store restored from before any gc");
-        }
         let delay = rng.below(t_ms + 1);
         let mut child = strata(&store)
             .args(["gc"])
@@ -626,28 +640,31 @@ fn kill_9_during_gc_never_loses_live_data() {
             .unwrap();
         sleep_ms(delay);
         let (fate, stderr) = kill_and_reap(&mut child);
-        let packs = fs::read_dir(store.join("packs"))
-            .unwrap()
-            .flatten()
-            .map(|e| fs::read_dir(e.path()).map_or(0, |r| r.count()))
-            .sum::<usize>();
-        eprintln!("gc #{i}: kill after {delay} ms: {fate:?}; {packs} pack files");
+        eprintln!(
+            "gc #{i}: kill after {delay} ms: {fate:?}; {} pack files",
+            pack_files(&store)
+        );
         if let Fate::Finished(st) = &fate {
             assert!(st.success(), "gc #{i} failed on its own: {st}\n{stderr}");
         }
-        let report = verify_ok(&store, &format!("after gc #{i} was killed at {delay} ms"));
+        let when = format!("after gc #{i} (killed after {delay} ms)");
+        let report = verify_ok(&store, &when);
         eprintln!(
             "  verify ok: {} packs, {} versions, {} unclaimed",
             report["packs"], report["versions"], report["unclaimed_packs"]
         );
         for e in &expect {
-            assert_exports(
-                &store,
-                e.spec,
-                &e.file,
-                &scratch,
-                &format!("after gc #{i} (killed at {delay} ms)"),
-            );
+            assert_exports(&store, e.spec, &e.file, &scratch, &when);
+        }
+        if matches!(fate, Fate::Finished(_)) {
+            // A complete gc, after the killed ones since the last restore: it must have
+            // finished their work. Then start over, so later kills hit real work again.
+            let stored = stored_bytes(&store);
+            eprintln!("  gcs #{chain_start}..#{i} left {stored} bytes stored; store restored");
+            chains.push((i - chain_start, stored));
+            fs::remove_dir_all(&store).unwrap();
+            copy_dir(&pristine, &store);
+            chain_start = i + 1;
         }
     }
 
@@ -668,16 +685,73 @@ fn kill_9_during_gc_never_loses_live_data() {
         .map(|i| i["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["a", "b", "c"]);
-    let stored_after = run_json(&store, &["stats"])["stored_bytes"]
-        .as_u64()
-        .unwrap();
-    assert!(
-        stored_after < stored_before,
-        "gc reclaimed nothing: {stored_before} -> {stored_after}"
-    );
     for e in &expect {
         assert_exports(&store, e.spec, &e.file, &scratch, "after the final gc");
     }
+    chains.push((ITERATIONS - chain_start, stored_bytes(&store)));
+    // Space: a gc that completes after interrupted ones reclaims what an
+    // uninterrupted gc does.
+    eprintln!("(killed gcs, bytes stored after the next complete gc): {chains:?}");
+    let leaky: Vec<_> = chains
+        .iter()
+        .filter(|(_, stored)| *stored > clean_bytes + PACKING_SLACK)
+        .collect();
+    assert!(
+        leaky.is_empty(),
+        "after interrupted gcs, a complete gc left more stored than an uninterrupted \
+         gc ({clean_bytes} bytes): (killed gcs, bytes) {leaky:?}"
+    );
+}
+
+#[test]
+fn gc_killed_while_rewriting_packs_leaves_the_rest_to_the_next_gc() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (store, expect) = store_with_garbage(d);
+    let scratch = d.join("scratch");
+    fs::create_dir(&scratch).unwrap();
+    let (probe, _) = probe_gc(&store, &d.join("probe"));
+    let clean_bytes = probe["bytes_after"].as_u64().unwrap();
+
+    // gc rewrites partially dead packs last, through a write session of its own: its
+    // first temporary pack shows that the sweep is committed and the rewrite running.
+    let mut child = strata(&store)
+        .args(["gc"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let tmp = store.join("tmp");
+    while fs::read_dir(&tmp).unwrap().next().is_none() && child.try_wait().unwrap().is_none() {
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let (fate, stderr) = kill_and_reap(&mut child);
+    assert!(
+        matches!(fate, Fate::Killed),
+        "gc finished before its rewrite could be interrupted: {fate:?}\n{stderr}"
+    );
+    eprintln!(
+        "gc killed while rewriting; {} bytes stored",
+        stored_bytes(&store)
+    );
+    verify_ok(&store, "after killing gc during its rewrite");
+    for e in &expect {
+        assert_exports(&store, e.spec, &e.file, &scratch, "after killing gc");
+    }
+
+    let r = run_json(&store, &["gc"]);
+    eprintln!("next gc: {r}");
+    assert_clean_after_gc(&store, "after the next gc");
+    for e in &expect {
+        assert_exports(&store, e.spec, &e.file, &scratch, "after the next gc");
+    }
+    let stored = stored_bytes(&store);
+    assert!(
+        stored <= clean_bytes + PACKING_SLACK,
+        "the dead bytes of the packs whose rewrite was interrupted are never reclaimed: \
+         {stored} bytes stored after the next gc, {clean_bytes} after an uninterrupted gc \
+         (the next gc reported {r})"
+    );
 }
 
 // ---------------------------------------------------------------------------------
