@@ -9,7 +9,11 @@
 //! of one immutable version, which reads a whole leaf's worth of blocks at a time so
 //! that sequential readers get batched, parallel chunk reads.
 
+pub mod disk;
+
 use std::sync::Arc;
+
+pub use disk::{Disk, DiskExtent};
 
 use strata_store::tree::{self, Span};
 use strata_store::{ChunkId, Entry, Store, StoreError, Version, VersionId};
