@@ -90,6 +90,10 @@ impl Node {
         if b[1] != 1 {
             return Err(format!("unsupported tree node format {}", b[1]));
         }
+        if b[3] != 0 || b[6] != 0 || b[7] != 0 {
+            // Reserved bytes must be zero, or one node would have many encodings (ids).
+            return Err("reserved bytes of tree node are not zero".into());
+        }
         let level = b[2];
         let count = u16::from_le_bytes([b[4], b[5]]) as usize;
         if count == 0 || count > FANOUT {
