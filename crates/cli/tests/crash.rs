@@ -15,7 +15,7 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -386,6 +386,8 @@ fn new_store(dir: &Path) -> PathBuf {
 // 1. kill -9 during import
 // ---------------------------------------------------------------------------------
 
+/// Imports killed at random moments leave the old tip or a complete new version,
+/// never damage; gc then removes everything they left.
 #[test]
 fn kill_9_during_import_leaves_old_tip_or_complete_version() {
     // Each import writes well over one pack (64 MiB) of new data, so kills also land
@@ -526,7 +528,7 @@ struct Expect {
 }
 
 /// A store where gc has real work: whole packs to delete and packs about half dead to
-/// rewrite. Returns the store, the refs that must survive, and its stored bytes.
+/// rewrite. Returns the store and the refs that must survive it.
 fn store_with_garbage(d: &Path) -> (PathBuf, Vec<Expect>) {
     let store = new_store(d);
     let f = |n: &str| d.join(format!("{n}.raw"));
@@ -610,6 +612,9 @@ fn probe_gc(store: &Path, probe: &Path) -> (Value, u64) {
 /// are packed differently (a resumed gc need not split them into packs identically).
 const PACKING_SLACK: u64 = MIB;
 
+/// gc killed at random moments, over and over; after each kill the store verifies
+/// and every ref exports intact. A gc that then completes must reclaim what an
+/// uninterrupted gc reclaims (checked last, after all the safety checks).
 #[test]
 fn kill_9_during_gc_never_loses_live_data() {
     const ITERATIONS: u64 = 20;
@@ -703,6 +708,10 @@ fn kill_9_during_gc_never_loses_live_data() {
     );
 }
 
+/// Deterministic: gc is killed as soon as its pack rewrite has begun (after its sweep
+/// committed). The next gc must finish the job. With gc.rs computing a pack's dead
+/// bytes only from the index rows its own sweep deletes, it cannot: the rows of the
+/// dead objects are gone, so the half-dead packs are never rewritten.
 #[test]
 fn gc_killed_while_rewriting_packs_leaves_the_rest_to_the_next_gc() {
     let dir = tempfile::tempdir().unwrap();
@@ -758,16 +767,17 @@ fn gc_killed_while_rewriting_packs_leaves_the_rest_to_the_next_gc() {
 // 3. gc while another process imports
 // ---------------------------------------------------------------------------------
 
-/// Run `strata gc` in a loop until `stop` is set, counting completed runs in `count`.
+/// Run `strata gc` over and over (at least once) until `stop` is set; returns the
+/// reports of all runs, which must all succeed.
 fn gc_loop(
     store: PathBuf,
     stop: Arc<AtomicBool>,
     seed: u64,
-    count: Arc<AtomicU64>,
-) -> std::thread::JoinHandle<()> {
+) -> std::thread::JoinHandle<Vec<Value>> {
     std::thread::spawn(move || {
         let mut rng = Rng::new(seed);
-        while !stop.load(Ordering::SeqCst) {
+        let mut reports = Vec::new();
+        loop {
             let out = strata(&store).args(["--json", "gc"]).output().unwrap();
             assert!(
                 out.status.success(),
@@ -775,19 +785,48 @@ fn gc_loop(
                 describe(&["--json", "gc"], &out)
             );
             let r: Value = serde_json::from_slice(&out.stdout).unwrap();
-            let n = count.fetch_add(1, Ordering::SeqCst);
             eprintln!(
-                "    gc {n}: {} deleted objects, {} deleted versions, {} packs deleted, {} rewritten",
-                r["deleted_objects"], r["deleted_versions"], r["packs_deleted"], r["packs_rewritten"]
+                "    gc {}: {} deleted objects, {} deleted versions, {} packs deleted, {} rewritten, {} dead sessions",
+                reports.len(),
+                r["deleted_objects"],
+                r["deleted_versions"],
+                r["packs_deleted"],
+                r["packs_rewritten"],
+                r["dead_sessions"]
             );
+            reports.push(r);
+            if stop.load(Ordering::SeqCst) {
+                return reports;
+            }
             sleep_ms(rng.below(15));
         }
     })
 }
 
+/// Import without panicking: the version id, or what went wrong.
+fn try_import(store: &Path, file: &Path, target: &str, msg: &str) -> Result<String, String> {
+    let args = [
+        "--json",
+        "import",
+        file.to_str().unwrap(),
+        target,
+        "-m",
+        msg,
+    ];
+    let out = strata(store).args(args).output().unwrap();
+    if !out.status.success() {
+        return Err(describe(&args, &out));
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+    Ok(v["version"].as_str().unwrap().to_string())
+}
+
+/// gc runs in a loop while another process imports content that shares most blocks
+/// with a deleted image: the importer dedups against chunks gc considers garbage.
+/// Nothing may be lost, and since no process dies no gc may reap a session.
 #[test]
 fn gc_during_import_of_content_it_considers_garbage_loses_nothing() {
-    const ROUNDS: u64 = 4;
+    const ROUNDS: u64 = 8;
     const SIZE: u64 = 64 * MIB;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -798,17 +837,22 @@ fn gc_during_import_of_content_it_considers_garbage_loses_nothing() {
     // (version, file) of everything imported into "live"; all must survive.
     let mut kept: Vec<(String, PathBuf)> = Vec::new();
 
-    // Time one import of such a file, to spread the gc start over it.
+    // Time an import like the ones below (of content the store holds as garbage), to
+    // spread the start of the gcs over it.
     let t_ms = {
         let probe = d.join("probe");
         run_ok(&probe, &["init"]);
-        let p = d.join("probe.raw");
+        let (p, p2) = (d.join("probe.raw"), d.join("probe-changed.raw"));
         make_image(&p, SIZE, 7);
-        let t = Instant::now();
+        mutate_image(&p, &p2, 1.0 / 32.0, 8);
         import(&probe, &p, "x", "probe");
+        run_ok(&probe, &["rm", "x"]);
+        let t = Instant::now();
+        import(&probe, &p2, "y", "probe");
         let ms = t.elapsed().as_millis() as u64;
         fs::remove_dir_all(&probe).unwrap();
         fs::remove_file(&p).unwrap();
+        fs::remove_file(&p2).unwrap();
         ms.max(20)
     };
     eprintln!("an import takes about {t_ms} ms");
@@ -816,25 +860,29 @@ fn gc_during_import_of_content_it_considers_garbage_loses_nothing() {
     for r in 0..ROUNDS {
         let a = d.join(format!("a{r}.raw"));
         let a2 = d.join(format!("a{r}-changed.raw"));
+        // A' shares all but a few blocks with A, or only 60% of them: then A's packs,
+        // pinned by the importer, are partly dead and gc rewrites them under it.
+        let fraction = if r % 4 < 2 { 1.0 / 32.0 } else { 0.4 };
         make_image(&a, SIZE, 40 + r);
-        mutate_image(&a, &a2, 1.0 / 32.0, 50 + r);
-        // A enters the store and becomes garbage: every block of A' but a few is a
-        // chunk gc wants to delete.
+        mutate_image(&a, &a2, fraction, 50 + r);
+        // A enters the store and becomes garbage: the blocks A' shares with it are
+        // chunks gc wants to delete.
         let src = format!("src{r}");
         import(&store, &a, &src, "to be deleted");
         run_ok(&store, &["rm", &src]);
 
         let stop = Arc::new(AtomicBool::new(false));
-        let count = Arc::new(AtomicU64::new(0));
-        let delay = rng.below(t_ms + 1);
         let gc_first = r % 2 == 0;
+        // gc first: the import starts at some point of a gc (which takes less than an
+        // import). Import first: gcs start while it is well under way.
+        let delay = rng.below(if gc_first { t_ms / 2 } else { t_ms * 2 / 3 } + 1);
         eprintln!(
-            "round {r}: {} first, the other after {delay} ms",
+            "round {r}: {} first, the other after {delay} ms; {fraction} of the blocks changed",
             if gc_first { "gc loop" } else { "import" }
         );
         let mut gc_thread = None;
         if gc_first {
-            gc_thread = Some(gc_loop(store.clone(), stop.clone(), r, count.clone()));
+            gc_thread = Some(gc_loop(store.clone(), stop.clone(), r));
             sleep_ms(delay);
         }
         // Two imports in a row: A' onto live:main, then A itself (all garbage chunks)
@@ -842,25 +890,36 @@ fn gc_during_import_of_content_it_considers_garbage_loses_nothing() {
         let importer = {
             let (store, a, a2) = (store.clone(), a.clone(), a2.clone());
             std::thread::spawn(move || {
-                let first = import(&store, &a2, "live", &format!("round {r} changed"));
-                let second = import(&store, &a, "live:orig", &format!("round {r} original"));
+                let first = try_import(&store, &a2, "live", &format!("round {r} changed"));
+                let second = try_import(&store, &a, "live:orig", &format!("round {r} original"));
                 (first, second)
             })
         };
         if !gc_first {
             sleep_ms(delay);
-            gc_thread = Some(gc_loop(store.clone(), stop.clone(), r, count.clone()));
+            gc_thread = Some(gc_loop(store.clone(), stop.clone(), r));
         }
-        let joined = importer.join();
+        let imported = importer.join().unwrap();
         stop.store(true, Ordering::SeqCst);
-        gc_thread.unwrap().join().expect("gc loop failed");
-        let (first, second) = joined.expect("import failed");
+        let gcs = gc_thread.unwrap().join().expect("a concurrent gc failed");
+        let dead_sessions: u64 = gcs
+            .iter()
+            .map(|g| g["dead_sessions"].as_u64().unwrap())
+            .sum();
         eprintln!(
-            "round {r}: imported {} and {} while {} gcs ran",
-            short(&first),
-            short(&second),
-            count.load(Ordering::SeqCst)
+            "round {r}: imports {:?} while {} gcs ran, which reaped {dead_sessions} sessions",
+            (
+                imported.0.as_deref().map(short),
+                imported.1.as_deref().map(short)
+            ),
+            gcs.len()
         );
+        let first = imported
+            .0
+            .unwrap_or_else(|e| panic!("round {r}: import of A' failed:\n{e}"));
+        let second = imported
+            .1
+            .unwrap_or_else(|e| panic!("round {r}: import of A failed:\n{e}"));
         kept.push((first.clone(), a2.clone()));
         kept.push((second.clone(), a.clone()));
 
@@ -882,6 +941,13 @@ fn gc_during_import_of_content_it_considers_garbage_loses_nothing() {
                 &format!("{when}, then gc"),
             );
         }
+        // No writer died, so no gc may have found a dead session: one that did took a
+        // live (or just finished) writer for dead, and a live writer's pins and packs
+        // are then no longer protected.
+        assert_eq!(
+            dead_sessions, 0,
+            "round {r}: concurrent gcs reaped sessions although no writer died: {gcs:?}"
+        );
     }
 }
 
@@ -905,6 +971,8 @@ fn spawn_import(store: &Path, file: &Path, target: &str) -> Child {
         .unwrap()
 }
 
+/// Two imports from the same tip to the same branch: one commits, the other fails
+/// with the compare-and-swap conflict, and importing it again succeeds on top.
 #[test]
 fn concurrent_imports_to_one_branch_one_wins_other_conflicts() {
     const RACES: u64 = 3;

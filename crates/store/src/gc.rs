@@ -64,6 +64,28 @@ pub enum GcPhase {
     Rewrite,
 }
 
+/// The live part of a pack.
+struct PackUse {
+    name: String,
+    size: u64,
+    objects: u64,
+    /// Entry headers and payloads of live objects.
+    bytes: u64,
+}
+
+impl PackUse {
+    /// Bytes a rewrite would free: the file minus what a pack of only the live
+    /// objects would need.
+    fn reclaimable(&self) -> u64 {
+        let needed = pack::HEADER_LEN
+            + self.bytes
+            + 4
+            + self.objects * pack::INDEX_ENTRY_LEN as u64
+            + pack::FOOTER_LEN;
+        self.size.saturating_sub(needed)
+    }
+}
+
 struct Marker<'a> {
     store: &'a Store,
     marks: RoaringTreemap,
@@ -169,9 +191,11 @@ fn reap_dead_sessions(store: &Store) -> Result<u64> {
     let mut live = HashSet::new();
     for s in sessions {
         if session_is_dead(store, &s) {
-            store.cat().write(|tx| end_session(tx, &s))?;
+            // A session that committed meanwhile has no row any more: not a death.
+            if store.cat().write(|tx| end_session(tx, &s))? {
+                dead += 1;
+            }
             let _ = std::fs::remove_file(store.sessions_dir().join(format!("{s}.lock")));
-            dead += 1;
         } else {
             live.insert(s);
         }
@@ -182,12 +206,24 @@ fn reap_dead_sessions(store: &Store) -> Result<u64> {
             let _ = std::fs::remove_file(tmp_dir.join(&f));
         }
     }
-    // Lock files of sessions that never made it into the table.
+    // Lock files of sessions that never made it into the table. A `.lock` name only
+    // ever appears already locked (see `WriteSession::begin`); a `.lock.new` is
+    // unlocked for an instant before that, so only old ones are removed.
     if let Ok(rd) = std::fs::read_dir(store.sessions_dir()) {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if let Some(id) = name.strip_suffix(".lock") {
                 if !live.contains(id) && session_is_dead(store, id) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            } else if name.ends_with(".lock.new") {
+                let old = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > std::time::Duration::from_secs(3600));
+                if old {
                     let _ = std::fs::remove_file(e.path());
                 }
             }
@@ -234,9 +270,12 @@ pub fn gc(store: &Store, progress: &mut dyn FnMut(GcPhase)) -> Result<GcReport> 
     }
 
     progress(GcPhase::Sweep);
-    let mut stats: HashMap<i64, (String, u64, u64)> = HashMap::new(); // pack -> (name, live, dead)
-                                                                      // Durable before any file is deleted: the index must never come back pointing at
-                                                                      // packs that are gone.
+    // Per pack still indexed after the sweep: what its live objects occupy. What a
+    // rewrite would reclaim is the rest of the file, whether its objects died in this
+    // gc or in one that was killed before it could rewrite the pack.
+    let mut live: HashMap<i64, PackUse> = HashMap::new();
+    // Durable before any file is deleted: the index must never come back pointing at
+    // packs that are gone.
     let empty_packs: Vec<String> = store.cat().write_durable(|tx| {
         let r = roots(tx)?;
         marker.mark(tx, &r)?;
@@ -266,21 +305,25 @@ pub fn gc(store: &Store, progress: &mut dyn FnMut(GcPhase)) -> Result<GcReport> 
         let mut dead = RoaringTreemap::new();
         {
             let mut stmt = tx.prepare(
-                "SELECT c.rowid, c.pack, p.name, c.stored_len FROM chunks c JOIN packs p ON p.id = c.pack",
+                "SELECT c.rowid, c.pack, p.name, p.size, c.stored_len FROM chunks c JOIN packs p ON p.id = c.pack",
             )?;
             let mut rows = stmt.query([])?;
             while let Some(row) = rows.next()? {
-                let (rowid, pack, name, len): (i64, i64, String, i64) =
-                    (row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?);
+                let (rowid, pack, name, size, len): (i64, i64, String, i64, i64) =
+                    (row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?);
                 if protected.contains(&name) {
                     continue;
                 }
-                let e = stats.entry(pack).or_insert_with(|| (name, 0, 0));
-                let span = len as u64 + pack::ENTRY_HEADER_LEN;
                 if marker.marks.contains(rowid as u64) {
-                    e.1 += span;
+                    let u = live.entry(pack).or_insert_with(|| PackUse {
+                        name,
+                        size: size as u64,
+                        objects: 0,
+                        bytes: 0,
+                    });
+                    u.objects += 1;
+                    u.bytes += len as u64 + pack::ENTRY_HEADER_LEN;
                 } else {
-                    e.2 += span;
                     dead.insert(rowid as u64);
                 }
             }
@@ -317,14 +360,10 @@ pub fn gc(store: &Store, progress: &mut dyn FnMut(GcPhase)) -> Result<GcReport> 
     report.packs_deleted = empty_packs.len() as u64;
 
     progress(GcPhase::Rewrite);
-    let rewrite: Vec<(i64, String)> = stats
+    let rewrite: Vec<(i64, String)> = live
         .into_iter()
-        .filter(|(_, (name, live, dead))| {
-            *live > 0
-                && !empty_packs.contains(name)
-                && (*dead as f64) > REWRITE_DEAD_FRACTION * (*live + *dead) as f64
-        })
-        .map(|(id, (name, _, _))| (id, name))
+        .filter(|(_, u)| (u.reclaimable() as f64) > REWRITE_DEAD_FRACTION * u.size as f64)
+        .map(|(id, u)| (id, u.name))
         .collect();
     if !rewrite.is_empty() {
         rewrite_packs(store, &rewrite)?;

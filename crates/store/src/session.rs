@@ -149,12 +149,16 @@ impl<'s> WriteSession<'s> {
     pub fn begin(store: &'s Store, purpose: &str) -> Result<WriteSession<'s>> {
         let id = random_hex16();
         let lock_path = store.sessions_dir().join(format!("{id}.lock"));
+        // Lock under a temporary name, then rename: a `.lock` file is never visible
+        // unlocked while its writer lives, so gc may treat an unlocked one as dead.
+        let tmp_path = store.sessions_dir().join(format!("{id}.lock.new"));
         let lock = File::options()
             .write(true)
             .create_new(true)
-            .open(&lock_path)
-            .at(&lock_path)?;
-        lock.lock().at(&lock_path)?;
+            .open(&tmp_path)
+            .at(&tmp_path)?;
+        lock.lock().at(&tmp_path)?;
+        std::fs::rename(&tmp_path, &lock_path).at(&lock_path)?;
         // The lock is held before the row exists: whoever sees the row can trust it.
         store.cat().conn.execute(
             "INSERT INTO sessions(id, pid, started, purpose) VALUES(?, ?, ?, ?)",
@@ -498,7 +502,7 @@ impl<'s> WriteSession<'s> {
                 target.expected.as_ref(),
                 &vid,
             )?;
-            end_session(tx, &session)
+            end_session(tx, &session).map(drop)
         })?;
         self.finished = true;
         let _ = std::fs::remove_file(&self.lock_path);
@@ -510,18 +514,20 @@ impl<'s> WriteSession<'s> {
     pub fn finish_without_commit(mut self) -> Result<()> {
         self.flush()?;
         let session = self.id.clone();
-        self.store.cat().write(|tx| end_session(tx, &session))?;
+        self.store
+            .cat()
+            .write(|tx| end_session(tx, &session).map(drop))?;
         self.finished = true;
         let _ = std::fs::remove_file(&self.lock_path);
         Ok(())
     }
 }
 
-pub(crate) fn end_session(tx: &rusqlite::Connection, session: &str) -> Result<()> {
+/// Remove a session's rows; true if it still had its row.
+pub(crate) fn end_session(tx: &rusqlite::Connection, session: &str) -> Result<bool> {
     tx.execute("DELETE FROM session_pins WHERE session = ?", [session])?;
     tx.execute("DELETE FROM session_packs WHERE session = ?", [session])?;
-    tx.execute("DELETE FROM sessions WHERE id = ?", [session])?;
-    Ok(())
+    Ok(tx.execute("DELETE FROM sessions WHERE id = ?", [session])? > 0)
 }
 
 impl Drop for WriteSession<'_> {
