@@ -5,15 +5,27 @@
 //! [`BlockDevice`]. Devices compose like nbdkit filters: a copy-on-write delta over a
 //! base version, a lazy fetcher under it, each its own type, each testable alone.
 //!
-//! This crate currently provides the bottom layer, [`VersionDevice`]: a read-only view
-//! of one immutable version, which reads a whole leaf's worth of blocks at a time so
-//! that sequential readers get batched, parallel chunk reads.
+//! Layers:
+//!
+//! * [`VersionDevice`]: a read-only [`BlockDevice`] over one immutable version, which
+//!   reads a whole leaf's worth of blocks at a time so that sequential readers (export)
+//!   get batched, parallel chunk reads.
+//! * [`VersionDisk`]: the same version as a randomly addressable, read-only [`Disk`]
+//!   (what a server exports), with bounded caches of tree nodes and blocks.
+//! * [`SessionDisk`]: a writable [`Disk`] — a base version plus a durable
+//!   copy-on-write delta in a local directory — that commits new versions while
+//!   clients keep writing. See [`session`].
 
 pub mod disk;
+mod lru;
+pub mod session;
+pub mod version_disk;
 
 use std::sync::Arc;
 
 pub use disk::{Disk, DiskExtent};
+pub use session::{CommitReport, SessionDisk, SessionInfo, SessionStats};
+pub use version_disk::VersionDisk;
 
 use strata_store::tree::{self, Span};
 use strata_store::{ChunkId, Entry, Store, StoreError, Version, VersionId};

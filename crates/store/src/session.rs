@@ -308,6 +308,100 @@ impl<'s> WriteSession<'s> {
         self.store_nodes(nodes)
     }
 
+    /// Pin `ids` (objects this session did not write) for the rest of the session, in
+    /// one transaction; an id the store does not hold is an error.
+    fn pin_existing(&mut self, ids: &[ChunkId], kind: &'static str) -> Result<()> {
+        let present = self.lookup_and_pin(ids)?;
+        match ids
+            .iter()
+            .find(|id| !present.contains(id) && !self.unflushed.contains(id))
+        {
+            Some(id) => Err(StoreError::MissingObject { id: *id, kind }),
+            None => Ok(()),
+        }
+    }
+
+    /// Add the next blocks of `draft` as entries already in the store (taken from an
+    /// existing version), without their data. Present chunks are pinned in one
+    /// transaction, as deduplicated blocks are, and must exist.
+    pub fn add_entries(&mut self, draft: &mut VersionDraft, entries: &[Entry]) -> Result<()> {
+        let ids: Vec<ChunkId> = entries
+            .iter()
+            .filter_map(|e| match e {
+                Entry::Present(id) => Some(*id),
+                _ => None,
+            })
+            .collect();
+        self.pin_existing(&ids, "data")?;
+        let bs = draft.block_size as u64;
+        let mut nodes: Vec<(ChunkId, Vec<u8>)> = Vec::new();
+        for e in entries {
+            let index = draft.tree.pushed();
+            self.stats.blocks += 1;
+            match e {
+                Entry::Unwritten => self.stats.unwritten_blocks += 1,
+                Entry::Zero => self.stats.zero_blocks += 1,
+                Entry::Present(_) => {
+                    self.stats.data_blocks += 1;
+                    self.stats.reused_chunks += 1;
+                    self.stats.data_bytes += bs.min(draft.virtual_size.saturating_sub(index * bs));
+                }
+            }
+            draft.tree.push(*e, &mut |id, bytes| {
+                nodes.push((id, bytes));
+                Ok::<(), StoreError>(())
+            })?;
+        }
+        self.store_nodes(nodes)
+    }
+
+    /// Add a whole subtree of an existing version as the next blocks of `draft`:
+    /// `entry` is what that version's level-`level + 1` node holds for the level-`level`
+    /// node over these blocks (see [`TreeBuilder::push_subtree`]; the draft must stand
+    /// at a multiple of the subtree's span and its tree must be deeper than
+    /// `level + 1`). A node id is pinned (which protects everything under it) and must
+    /// exist. Returns the number of blocks added.
+    ///
+    /// The blocks count in `stats.blocks`, and a uniform subtree's in its kind's count;
+    /// the data and zero blocks under a node are not known without reading it, so the
+    /// caller adds them to `stats.data_blocks`, `stats.zero_blocks` and
+    /// `stats.data_bytes` (which the version record copies) before committing.
+    pub fn add_subtree(
+        &mut self,
+        draft: &mut VersionDraft,
+        level: u8,
+        entry: Entry,
+    ) -> Result<u64> {
+        let span = crate::tree::entry_span(level.saturating_add(1));
+        let pushed = draft.tree.pushed();
+        if level as usize + 1 >= draft.tree.depth() as usize
+            || !pushed.is_multiple_of(span)
+            || pushed >= draft.blocks_total()
+        {
+            return Err(StoreError::Invalid(format!(
+                "a level-{level} subtree does not fit at block {pushed} of a {}-level tree of {} blocks",
+                draft.tree.depth(),
+                draft.blocks_total()
+            )));
+        }
+        if let Entry::Present(id) = entry {
+            self.pin_existing(&[id], "tree")?;
+        }
+        let mut nodes: Vec<(ChunkId, Vec<u8>)> = Vec::new();
+        let n = draft.tree.push_subtree(level, entry, &mut |id, bytes| {
+            nodes.push((id, bytes));
+            Ok::<(), StoreError>(())
+        })?;
+        self.stats.blocks += n;
+        match entry {
+            Entry::Unwritten => self.stats.unwritten_blocks += n,
+            Entry::Zero => self.stats.zero_blocks += n,
+            Entry::Present(_) => {}
+        }
+        self.store_nodes(nodes)?;
+        Ok(n)
+    }
+
     fn store_nodes(&mut self, nodes: Vec<(ChunkId, Vec<u8>)>) -> Result<()> {
         let objs: Vec<(ChunkId, &[u8])> = nodes.iter().map(|(i, b)| (*i, b.as_slice())).collect();
         self.store_objects(ObjectKind::Tree, &objs).map(drop)

@@ -200,6 +200,44 @@ impl TreeBuilder {
         Ok(())
     }
 
+    /// Add a whole subtree at once: `entry` is the reference a parent holds for the
+    /// level-`level` node over the next `entry_span(level + 1)` blocks (or over all
+    /// that remain, if fewer do) — a uniform entry or a node id. Returns how many blocks
+    /// it covered.
+    ///
+    /// The builder must stand at a multiple of that span, and the tree must have a
+    /// level above `level` (`level + 1 < depth`); a violation panics, like pushing too
+    /// many blocks. The result is the tree that pushing the subtree's block entries one
+    /// by one would have built, provided `entry` is their canonical reference — as it is
+    /// when taken from the same place of a tree with the same number of blocks. This is
+    /// how a version that changes a few blocks of another reuses every untouched
+    /// subtree without reading it.
+    pub fn push_subtree<E>(
+        &mut self,
+        level: u8,
+        entry: Entry,
+        emit: &mut impl FnMut(ChunkId, Vec<u8>) -> Result<(), E>,
+    ) -> Result<u64, E> {
+        let l = level as usize;
+        assert!(l + 1 < self.depth as usize, "no level above the subtree");
+        let span = entry_span(level + 1);
+        assert!(
+            self.pushed.is_multiple_of(span) && self.pushed < self.total_blocks,
+            "subtree not at an aligned position inside the tree"
+        );
+        debug_assert!(self.levels[..=l].iter().all(Vec::is_empty));
+        let n = span.min(self.total_blocks - self.pushed);
+        self.pushed += n;
+        self.levels[l + 1].push(entry);
+        let mut level = l + 1;
+        while self.levels[level].len() == FANOUT && level + 1 < self.depth as usize {
+            let r = self.close(level, emit)?;
+            self.levels[level + 1].push(r);
+            level += 1;
+        }
+        Ok(n)
+    }
+
     fn close<E>(
         &mut self,
         level: usize,
