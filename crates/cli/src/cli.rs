@@ -82,6 +82,24 @@ pub enum Command {
     Gc,
     /// Re-read and re-hash everything; name damaged objects and the versions they hurt.
     Verify,
+    /// Serve versions (read-only, as IMAGE@REV) and sessions (writable) over NBD.
+    Serve {
+        /// TCP address to listen on (repeatable), e.g. 127.0.0.1:10809.
+        #[arg(long, value_name = "HOST:PORT")]
+        listen: Vec<String>,
+        /// Unix socket to listen on (repeatable).
+        #[arg(long, value_name = "PATH")]
+        socket: Vec<PathBuf>,
+        /// Directory with server-cert.pem and server-key.pem: offer TLS (STARTTLS).
+        #[arg(long, value_name = "DIR")]
+        tls_dir: Option<PathBuf>,
+        /// Refuse clients that do not start TLS.
+        #[arg(long)]
+        tls_required: bool,
+    },
+    /// Copy-on-write disk sessions over a version, served by `strata serve`.
+    #[command(subcommand)]
+    Session(SessionCommand),
     /// Make a store with a sample image, two versions, and show log, diff and stats.
     Quickstart {
         /// Directory for the demo store (default: a new temporary directory).
@@ -124,6 +142,32 @@ pub struct ExportArgs {
     /// Replace FILE if it exists.
     #[arg(long)]
     pub force: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SessionCommand {
+    /// Create a writable session over IMAGE, IMAGE:BRANCH or IMAGE@REV.
+    Create {
+        name: String,
+        #[arg(long)]
+        from: String,
+    },
+    /// List sessions: base, bytes written, whether a server holds them.
+    Ls,
+    /// Make a new version from the session's base and its writes so far (clients may
+    /// stay connected and keep writing).
+    Commit {
+        name: String,
+        #[arg(short, long, default_value = "")]
+        message: String,
+        /// Branch to move (default: the branch the session was made from).
+        #[arg(long)]
+        branch: Option<String>,
+    },
+    /// Drop the session's writes: back to its base.
+    Reset { name: String },
+    /// Delete the session and its writes.
+    Rm { name: String },
 }
 
 #[derive(Subcommand, Debug)]

@@ -10,7 +10,7 @@ use strata_store::gc::GcPhase;
 use strata_store::tree;
 use strata_store::{RefKind, Store, Version, VersionId};
 
-use crate::cli::{Cli, Command, RefCommand};
+use crate::cli::{Cli, Command, RefCommand, SessionCommand};
 use crate::output::{self, bytes, print_json};
 use crate::spec::{branch_target, rev_spec};
 
@@ -134,7 +134,113 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Gc => gc(&ctx),
         Command::Verify => verify(&ctx),
         Command::Quickstart { dir } => crate::quickstart::run(&ctx, dir),
+        Command::Serve {
+            listen,
+            socket,
+            tls_dir,
+            tls_required,
+        } => {
+            let store = ctx.open()?;
+            crate::serve::serve(
+                store,
+                crate::serve::ServeArgs {
+                    listen,
+                    sockets: socket,
+                    tls_dir,
+                    tls_required,
+                },
+                ctx.json,
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Session(c) => session(&ctx, c),
     }
+}
+
+fn session(ctx: &Ctx, cmd: SessionCommand) -> Result<ExitCode> {
+    use crate::session as s;
+    let store = ctx.open()?;
+    match cmd {
+        SessionCommand::Create { name, from } => {
+            let info = s::create(&store, &name, &from)?;
+            if ctx.json {
+                print_json(&info);
+            } else {
+                println!(
+                    "session {} over {} ({}), commits go to {}",
+                    info.name,
+                    from,
+                    &info.base[..12],
+                    info.branch
+                        .as_ref()
+                        .map_or("the branch named at commit".into(), |b| format!(
+                            "{}:{b}",
+                            info.image
+                        ))
+                );
+            }
+        }
+        SessionCommand::Ls => {
+            let rows = s::list(&store)?;
+            if ctx.json {
+                print_json(&rows);
+            } else {
+                for r in rows {
+                    let (written, used) = match &r.delta {
+                        Some(d) => (
+                            bytes(d.data_blocks * d.block_size as u64),
+                            if d.in_use { "served" } else { "idle" },
+                        ),
+                        None => ("?".into(), "delta missing"),
+                    };
+                    println!(
+                        "{:<20} {}@{}  written {:>10}  {}",
+                        r.session.name,
+                        r.session.image,
+                        &r.session.base[..12],
+                        written,
+                        used
+                    );
+                }
+            }
+        }
+        SessionCommand::Commit {
+            name,
+            message,
+            branch,
+        } => {
+            let v = s::commit_cmd(&store, &name, &message, branch, &default_author())?;
+            if ctx.json {
+                print_json(&v);
+            } else {
+                println!(
+                    "{}:{} {} ({} blocks committed)",
+                    v["image"].as_str().unwrap_or(""),
+                    v["branch"].as_str().unwrap_or(""),
+                    &v["version"].as_str().unwrap_or("")
+                        [..12.min(v["version"].as_str().unwrap_or("").len())],
+                    v["committed_blocks"]
+                );
+            }
+        }
+        SessionCommand::Reset { name } => {
+            s::reset_cmd(&store, &name)?;
+            if ctx.json {
+                print_json(&serde_json::json!({"session": name, "reset": true}));
+            } else {
+                println!("session {name} is back at its base");
+            }
+        }
+        SessionCommand::Rm { name } => {
+            s::remove(&store, &name)?;
+            if ctx.json {
+                print_json(&serde_json::json!({"deleted": name}));
+            } else {
+                println!("deleted session {name}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn default_author() -> String {

@@ -11,6 +11,8 @@ mod export;
 mod import;
 mod output;
 mod quickstart;
+mod serve;
+mod session;
 mod spec;
 
 use std::path::PathBuf;

@@ -69,6 +69,13 @@ CREATE TABLE IF NOT EXISTS session_pins(
     ids BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS session_pins_by_session ON session_pins(session);
+CREATE TABLE IF NOT EXISTS disk_sessions(
+    name TEXT PRIMARY KEY,
+    image TEXT NOT NULL,
+    branch TEXT,
+    base BLOB NOT NULL,
+    created INTEGER NOT NULL
+);
 "#;
 
 /// Location of an object as the index records it.

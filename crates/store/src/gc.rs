@@ -156,6 +156,11 @@ fn roots(conn: &Connection) -> Result<Vec<ChunkId>> {
     for r in stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))? {
         out.extend(ChunkId::from_slice(&r?));
     }
+    // The base versions of copy-on-write disk sessions (see `Store::disk_sessions`).
+    let mut stmt = conn.prepare("SELECT base FROM disk_sessions")?;
+    for r in stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))? {
+        out.extend(ChunkId::from_slice(&r?));
+    }
     let mut stmt = conn.prepare("SELECT ids FROM session_pins")?;
     for r in stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))? {
         out.extend(r?.chunks_exact(32).filter_map(ChunkId::from_slice));

@@ -39,8 +39,8 @@ pub use session::{
     BlockInput, CommitTarget, PreparedBlocks, VersionDraft, WriteSession, WriteStats,
 };
 pub use store::{
-    validate_block_size, validate_name, ImageInfo, RefInfo, RefKind, Store, DEFAULT_BLOCK_SIZE,
-    DEFAULT_BRANCH,
+    validate_block_size, validate_name, DiskSessionInfo, ImageInfo, RefInfo, RefKind, Store,
+    DEFAULT_BLOCK_SIZE, DEFAULT_BRANCH,
 };
 pub use tree::{Entry, TreeRef};
 pub use version::Version;

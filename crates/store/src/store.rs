@@ -64,6 +64,19 @@ pub struct RefInfo {
     pub updated: i64,
 }
 
+/// A copy-on-write disk session as the catalog records it.
+#[derive(Clone, Debug, Serialize)]
+pub struct DiskSessionInfo {
+    pub name: String,
+    /// The image its commits go to.
+    pub image: String,
+    /// The branch its commits move by default (`None`: commits must name one).
+    pub branch: Option<String>,
+    /// The version it stands on (hex).
+    pub base: String,
+    pub created: i64,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RefKind {
     Branch,
@@ -433,6 +446,83 @@ impl Store {
             ensure_image_exists(tx, image)?;
             tx.execute("DELETE FROM refs WHERE image = ?", [image])?;
             tx.execute("DELETE FROM images WHERE name = ?", [image])?;
+            Ok(())
+        })
+    }
+
+    // ---- disk sessions ---------------------------------------------------------------
+
+    /// Register a copy-on-write disk session: its base version stays reachable (gc
+    /// treats it as a root) until the session is removed.
+    pub fn add_disk_session(&self, s: &DiskSessionInfo) -> Result<()> {
+        validate_name(&s.name)?;
+        let base = ChunkId::from_hex(&s.base)
+            .ok_or_else(|| StoreError::Invalid(format!("bad base id {:?}", s.base)))?;
+        let mut cat = self.cat();
+        cat.write_durable(|tx| {
+            ensure_version_listed(tx, &base)?;
+            let n: i64 = tx.query_row(
+                "SELECT count(*) FROM disk_sessions WHERE name = ?",
+                [&s.name],
+                |r| r.get(0),
+            )?;
+            if n > 0 {
+                return Err(StoreError::Invalid(format!(
+                    "a session named {:?} already exists",
+                    s.name
+                )));
+            }
+            tx.execute(
+                "INSERT INTO disk_sessions(name, image, branch, base, created) VALUES(?, ?, ?, ?, ?)",
+                params![s.name, s.image, s.branch, &base.0[..], now()],
+            )?;
+            Ok(())
+        })
+    }
+
+    pub fn disk_sessions(&self) -> Result<Vec<DiskSessionInfo>> {
+        let cat = self.cat();
+        let mut stmt = cat.conn.prepare(
+            "SELECT name, image, branch, base, created FROM disk_sessions ORDER BY name",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(DiskSessionInfo {
+                name: r.get(0)?,
+                image: r.get(1)?,
+                branch: r.get(2)?,
+                base: hex::encode(r.get::<_, Vec<u8>>(3)?),
+                created: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn disk_session(&self, name: &str) -> Result<DiskSessionInfo> {
+        self.disk_sessions()?
+            .into_iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| StoreError::Invalid(format!("no session named {name:?}")))
+    }
+
+    /// Record that session `name` now stands on `base` (after a commit).
+    pub fn set_disk_session_base(&self, name: &str, base: &VersionId) -> Result<()> {
+        let mut cat = self.cat();
+        cat.write_durable(|tx| {
+            ensure_version_listed(tx, base)?;
+            tx.execute(
+                "UPDATE disk_sessions SET base = ? WHERE name = ?",
+                params![&base.0[..], name],
+            )?;
+            Ok(())
+        })
+    }
+
+    pub fn remove_disk_session(&self, name: &str) -> Result<()> {
+        let mut cat = self.cat();
+        cat.write_durable(|tx| {
+            if tx.execute("DELETE FROM disk_sessions WHERE name = ?", [name])? == 0 {
+                return Err(StoreError::Invalid(format!("no session named {name:?}")));
+            }
             Ok(())
         })
     }
