@@ -307,3 +307,85 @@ fn session_over_a_tag_needs_a_branch_and_a_moved_branch_is_refused() {
     let srv = env.serve();
     assert!(identical(p(&base), "raw", &srv.unix("solo"), "raw"));
 }
+
+#[test]
+fn flushed_writes_survive_kill_9_of_the_server() {
+    let env = Env::new();
+    let base = env.path("base.raw");
+    run("qemu-img", &["create", "-q", "-f", "raw", p(&base), "64M"]);
+    env.ok(&["import", p(&base), "disk"]);
+    env.ok(&["session", "create", "s", "--from", "disk"]);
+    let mut rng = Rng(0xdead_beef);
+    let mut acked: Vec<(u64, u64)> = Vec::new(); // (region, pattern) written and flushed
+    let mut region = 0u64;
+    for cycle in 0..5 {
+        let srv = env.serve();
+        let uri = srv.unix("s");
+        // A few batches complete...
+        for _ in 0..(rng.next() % 4 + 1) {
+            let pattern = region % 250 + 1;
+            run(
+                "qemu-io",
+                &[
+                    "-f",
+                    "raw",
+                    "-c",
+                    &format!("write -P {pattern} {} 1M", region << 20),
+                    "-c",
+                    "flush",
+                    &uri,
+                ],
+            );
+            acked.push((region, pattern));
+            region += 1;
+        }
+        // ...and one is in flight when the server is killed.
+        let pattern = region % 250 + 1;
+        let mut inflight = Command::new("qemu-io")
+            .args([
+                "-f",
+                "raw",
+                "-c",
+                &format!("write -P {pattern} {} 1M", region << 20),
+                "-c",
+                "flush",
+                &uri,
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(rng.next() % 40));
+        let mut srv = srv;
+        srv.child.kill().unwrap(); // SIGKILL
+        srv.child.wait().unwrap();
+        if inflight.wait().unwrap().success() {
+            acked.push((region, pattern));
+        }
+        eprintln!("cycle {cycle}: {} regions acknowledged", acked.len());
+        region += 1;
+    }
+    // After a restart every acknowledged, flushed write reads back.
+    let srv = env.serve();
+    let uri = srv.unix("s");
+    for (r, pattern) in &acked {
+        let out = run(
+            "qemu-io",
+            &[
+                "-f",
+                "raw",
+                "-c",
+                &format!("read -P {pattern} {} 1M", r << 20),
+                &uri,
+            ],
+        );
+        assert!(
+            !out.contains("Pattern verification failed"),
+            "region {r}: {out}"
+        );
+    }
+    drop(srv);
+    // And the session still commits into a version that verifies.
+    env.ok(&["session", "commit", "s", "-m", "after crashes"]);
+    env.ok(&["verify"]);
+}
