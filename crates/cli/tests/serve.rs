@@ -389,3 +389,53 @@ fn flushed_writes_survive_kill_9_of_the_server() {
     env.ok(&["session", "commit", "s", "-m", "after crashes"]);
     env.ok(&["verify"]);
 }
+
+#[test]
+fn nbdcopy_multi_conn_and_fio_verify_on_a_session() {
+    let env = Env::new();
+    let base = make_base(&env);
+    env.ok(&["session", "create", "s", "--from", "gold"]);
+    let srv = env.serve();
+    // nbdcopy out of a version, then into the session over 4 connections at once.
+    let copy = env.path("copy.raw");
+    run("nbdcopy", &[&srv.unix("gold@main"), p(&copy)]);
+    assert!(identical(p(&base), "raw", p(&copy), "raw"));
+    let other = env.path("other.raw");
+    run("qemu-img", &["create", "-q", "-f", "raw", p(&other), "32M"]);
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x77 1M 20M",
+            "-c",
+            "write -P 0x78 30M 1M",
+            p(&other),
+        ],
+    );
+    run(
+        "nbdcopy",
+        &["--connections=4", "--threads=4", p(&other), &srv.unix("s")],
+    );
+    assert!(identical(p(&other), "raw", &srv.unix("s"), "raw"));
+    // fio writes and verifies its own checksums through NBD.
+    let out = run(
+        "fio",
+        &[
+            "--name=verify",
+            "--ioengine=nbd",
+            &format!("--uri={}", srv.unix("s")),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=8M",
+            "--iodepth=8",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--do_verify=1",
+        ],
+    );
+    assert!(out.contains("verify"), "{out}");
+    env.ok(&["session", "commit", "s", "-m", "fio"]);
+    env.ok(&["verify"]);
+}
