@@ -83,6 +83,9 @@ pub enum Command {
     /// Re-read and re-hash everything; name damaged objects and the versions they hurt.
     Verify,
     /// Serve versions (read-only, as IMAGE@REV) and sessions (writable) over NBD.
+    ///
+    /// Without --listen or --socket, listens on the sockets systemd passes
+    /// (LISTEN_FDS), else on 127.0.0.1:10809.
     Serve {
         /// TCP address to listen on (repeatable), e.g. 127.0.0.1:10809.
         #[arg(long, value_name = "HOST:PORT")]
@@ -96,6 +99,9 @@ pub enum Command {
         /// Refuse clients that do not start TLS.
         #[arg(long)]
         tls_required: bool,
+        /// The export a client gets when it names none (e.g. `nbdcopy [ strata serve ... ]`).
+        #[arg(long, value_name = "NAME")]
+        default_export: Option<String>,
     },
     /// Copy-on-write disk sessions over a version, served by `strata serve`.
     #[command(subcommand)]

@@ -139,11 +139,13 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             socket,
             tls_dir,
             tls_required,
+            default_export,
         } => {
             let store = ctx.open()?;
             crate::serve::serve(
                 store,
                 crate::serve::ServeArgs {
+                    default_export,
                     listen,
                     sockets: socket,
                     tls_dir,

@@ -33,14 +33,18 @@ pub fn control_path(store: &Store) -> PathBuf {
 /// Resolves export names against the store; keeps opened disks shared.
 pub struct StoreExports {
     store: Arc<Store>,
+    /// What the empty export name opens (clients started by `nbdcopy [ CMD ]` and
+    /// other socket-activation users ask for "").
+    default: Option<String>,
     sessions: Mutex<HashMap<String, Arc<SessionDisk>>>,
     versions: Mutex<HashMap<VersionId, Arc<VersionDisk>>>,
 }
 
 impl StoreExports {
-    pub fn new(store: Arc<Store>) -> StoreExports {
+    pub fn new(store: Arc<Store>, default: Option<String>) -> StoreExports {
         StoreExports {
             store,
+            default,
             sessions: Mutex::new(HashMap::new()),
             versions: Mutex::new(HashMap::new()),
         }
@@ -112,6 +116,16 @@ impl ExportProvider for StoreExports {
     }
 
     fn open(&self, name: &str) -> io::Result<Export> {
+        let name = match (name, &self.default) {
+            ("", Some(d)) => d.as_str(),
+            ("", None) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    "no default export (start strata serve with --default-export)",
+                ))
+            }
+            (n, _) => n,
+        };
         let is_session = self
             .store
             .disk_sessions()
@@ -216,6 +230,7 @@ fn control_loop(listener: StdUnixListener, exports: Arc<StoreExports>) {
 }
 
 pub struct ServeArgs {
+    pub default_export: Option<String>,
     pub listen: Vec<String>,
     pub sockets: Vec<PathBuf>,
     pub tls_dir: Option<PathBuf>,
@@ -224,7 +239,10 @@ pub struct ServeArgs {
 
 /// Serve until SIGINT/SIGTERM.
 pub fn serve(store: Arc<Store>, args: ServeArgs, json: bool) -> Result<()> {
-    let exports = Arc::new(StoreExports::new(store.clone()));
+    let exports = Arc::new(StoreExports::new(
+        store.clone(),
+        args.default_export.clone(),
+    ));
     let control = control_path(&store);
     if StdUnixStream::connect(&control).is_ok() {
         bail!(

@@ -439,3 +439,29 @@ fn nbdcopy_multi_conn_and_fio_verify_on_a_session() {
     env.ok(&["session", "commit", "s", "-m", "fio"]);
     env.ok(&["verify"]);
 }
+
+#[test]
+fn socket_activation_by_nbdcopy() {
+    // `nbdcopy [ CMD ]` starts the server itself and hands it a listening socket the
+    // systemd way (LISTEN_FDS); the client asks for the default export.
+    let env = Env::new();
+    let base = make_base(&env);
+    let out = env.path("out.raw");
+    let bin = env!("CARGO_BIN_EXE_strata");
+    run(
+        "nbdcopy",
+        &[
+            "--",
+            "[",
+            bin,
+            "--store",
+            p(&env.store),
+            "serve",
+            "--default-export",
+            "gold@main",
+            "]",
+            p(&out),
+        ],
+    );
+    assert!(identical(p(&base), "raw", p(&out), "raw"));
+}
