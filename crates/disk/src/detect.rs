@@ -103,16 +103,7 @@ pub fn detect_format(path: &Path) -> Result<Format> {
         path: path.to_path_buf(),
         source,
     };
-    let file = File::open(path).map_err(io_err)?;
-    let meta = file.metadata().map_err(io_err)?;
-    if meta.is_dir() {
-        return Err(io_err(io::Error::new(
-            io::ErrorKind::IsADirectory,
-            "is a directory, not a disk image",
-        )));
-    }
-    // Block devices report a zero length in their metadata; seek to find the size.
-    let size = crate::raw::file_size(&file, &meta).map_err(io_err)?;
+    let (file, size) = crate::raw::open_image_file(path)?;
 
     let mut head = [0u8; 512];
     let head_len = read_up_to(&file, &mut head, 0).map_err(io_err)?;

@@ -128,15 +128,7 @@ impl Qcow2Image {
             path: path.to_path_buf(),
             source,
         };
-        let file = File::open(path).map_err(io_err)?;
-        let meta = file.metadata().map_err(io_err)?;
-        if meta.is_dir() {
-            return Err(io_err(io::Error::new(
-                io::ErrorKind::IsADirectory,
-                "is a directory, not a disk image",
-            )));
-        }
-        let file_size = crate::raw::file_size(&file, &meta).map_err(io_err)?;
+        let (file, file_size) = crate::raw::open_image_file(path)?;
         let malformed = |reason: String| DiskError::Malformed {
             path: path.to_path_buf(),
             format: FORMAT,

@@ -24,6 +24,25 @@ use crate::{
 
 /// Size of an open file or block device. Block devices report a zero length in
 /// their metadata, so their size is found by seeking to the end.
+/// Open `path` read-only as an image file (regular file or block device, never a
+/// directory) and find its size. Every format opens its file through here.
+pub(crate) fn open_image_file(path: &Path) -> Result<(File, u64)> {
+    let io_err = |source: io::Error| DiskError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = File::open(path).map_err(io_err)?;
+    let meta = file.metadata().map_err(io_err)?;
+    if meta.is_dir() {
+        return Err(io_err(io::Error::new(
+            io::ErrorKind::IsADirectory,
+            "is a directory, not a disk image",
+        )));
+    }
+    let size = file_size(&file, &meta).map_err(io_err)?;
+    Ok((file, size))
+}
+
 pub(crate) fn file_size(file: &File, meta: &Metadata) -> io::Result<u64> {
     if meta.file_type().is_block_device() {
         let mut f = file;
@@ -56,19 +75,7 @@ pub struct RawImage {
 impl RawImage {
     /// Open `path` read-only. Regular files and block devices are accepted.
     pub fn open(path: &Path) -> Result<RawImage> {
-        let io_err = |source: io::Error| DiskError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
-        let file = File::open(path).map_err(io_err)?;
-        let meta = file.metadata().map_err(io_err)?;
-        if meta.is_dir() {
-            return Err(io_err(io::Error::new(
-                io::ErrorKind::IsADirectory,
-                "is a directory, not a disk image",
-            )));
-        }
-        let size = file_size(&file, &meta).map_err(io_err)?;
+        let (file, size) = open_image_file(path)?;
         Ok(RawImage {
             file,
             path: path.to_path_buf(),
