@@ -124,13 +124,7 @@ impl BlockDevice for VersionDevice {
                 }),
                 Span::Blocks { start, entries } => {
                     // One leaf at a time: its data chunks are fetched in one parallel batch.
-                    let ids: Vec<ChunkId> = entries
-                        .iter()
-                        .filter_map(|e| match e {
-                            Entry::Present(id) => Some(*id),
-                            _ => None,
-                        })
-                        .collect();
+                    let ids = tree::present_ids(entries);
                     let mut data = store.read_chunks(&ids)?.into_iter();
                     let blocks = entries
                         .iter()

@@ -110,14 +110,7 @@ impl Marker<'_> {
                     let raw = self.store.read_at(&loc)?;
                     let node =
                         Node::decode(&raw).map_err(|reason| StoreError::Corrupt { id, reason })?;
-                    let children: Vec<ChunkId> = node
-                        .entries
-                        .iter()
-                        .filter_map(|e| match e {
-                            Entry::Present(c) => Some(*c),
-                            _ => None,
-                        })
-                        .collect();
+                    let children = crate::tree::present_ids(&node.entries);
                     if node.level == 0 {
                         // Data chunks have no children: mark them here in one batch.
                         for (c, r) in children.iter().zip(catalog::rowids(conn, &children)?) {

@@ -325,13 +325,7 @@ impl<'s> WriteSession<'s> {
     /// existing version), without their data. Present chunks are pinned in one
     /// transaction, as deduplicated blocks are, and must exist.
     pub fn add_entries(&mut self, draft: &mut VersionDraft, entries: &[Entry]) -> Result<()> {
-        let ids: Vec<ChunkId> = entries
-            .iter()
-            .filter_map(|e| match e {
-                Entry::Present(id) => Some(*id),
-                _ => None,
-            })
-            .collect();
+        let ids = crate::tree::present_ids(entries);
         self.pin_existing(&ids, "data")?;
         let bs = draft.block_size as u64;
         let mut nodes: Vec<(ChunkId, Vec<u8>)> = Vec::new();

@@ -46,6 +46,14 @@ impl Entry {
         !matches!(self, Entry::Present(_))
     }
 
+    /// The chunk or node id, if the entry has one.
+    pub fn id(&self) -> Option<ChunkId> {
+        match self {
+            Entry::Present(id) => Some(*id),
+            _ => None,
+        }
+    }
+
     fn tag(&self) -> u8 {
         match self {
             Entry::Unwritten => 0,
@@ -53,6 +61,11 @@ impl Entry {
             Entry::Present(_) => 2,
         }
     }
+}
+
+/// The ids of the present entries, in order.
+pub fn present_ids(entries: &[Entry]) -> Vec<ChunkId> {
+    entries.iter().filter_map(Entry::id).collect()
 }
 
 /// A decoded tree node.

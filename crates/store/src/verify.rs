@@ -179,14 +179,7 @@ impl Walker<'_> {
                 Ok(raw) => match Node::decode(&raw) {
                     Err(_) => hurt.push(id),
                     Ok(node) => {
-                        let kids: Vec<ChunkId> = node
-                            .entries
-                            .iter()
-                            .filter_map(|e| match e {
-                                Entry::Present(c) => Some(*c),
-                                _ => None,
-                            })
-                            .collect();
+                        let kids = crate::tree::present_ids(&node.entries);
                         if node.level == 0 {
                             for (c, ok) in kids.iter().zip(self.present(&kids)?) {
                                 if !ok {
