@@ -615,7 +615,7 @@ fn gc(ctx: &Ctx) -> Result<ExitCode> {
 
 fn verify(ctx: &Ctx) -> Result<ExitCode> {
     let store = ctx.open()?;
-    let total: u64 = strata_store::stats::stats(&store)?.stored_bytes;
+    let total = store.pack_bytes()?;
     let bar = output::byte_bar(total, "verify", ctx.hide_progress());
     let r = strata_store::verify::verify(&store, &|done| bar.set_position(done))?;
     bar.finish_and_clear();

@@ -230,14 +230,6 @@ fn reap_dead_sessions(store: &Store) -> Result<u64> {
     Ok(dead)
 }
 
-fn total_pack_bytes(conn: &Connection) -> Result<u64> {
-    Ok(
-        conn.query_row("SELECT coalesce(sum(size), 0) FROM packs", [], |r| {
-            r.get::<_, i64>(0)
-        })? as u64,
-    )
-}
-
 /// Run a full gc. `progress` is told which phase is running.
 pub fn gc(store: &Store, progress: &mut dyn FnMut(GcPhase)) -> Result<GcReport> {
     let lock_path = store.root().join("gc.lock");
@@ -254,7 +246,7 @@ pub fn gc(store: &Store, progress: &mut dyn FnMut(GcPhase)) -> Result<GcReport> 
         dead_sessions: reap_dead_sessions(store)?,
         ..Default::default()
     };
-    report.bytes_before = total_pack_bytes(&store.cat().conn)?;
+    report.bytes_before = store.pack_bytes()?;
 
     progress(GcPhase::Mark);
     let mut marker = Marker {
@@ -369,7 +361,7 @@ pub fn gc(store: &Store, progress: &mut dyn FnMut(GcPhase)) -> Result<GcReport> 
     }
 
     report.orphan_packs_deleted = delete_orphans(store)?;
-    report.bytes_after = total_pack_bytes(&store.cat().conn)?;
+    report.bytes_after = store.pack_bytes()?;
     drop(lock);
     Ok(report)
 }

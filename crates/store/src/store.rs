@@ -230,6 +230,16 @@ impl Store {
         catalog::locate(&self.cat().conn, id)
     }
 
+    /// Size of all indexed packs: what the store occupies.
+    pub fn pack_bytes(&self) -> Result<u64> {
+        Ok(self
+            .cat()
+            .conn
+            .query_row("SELECT coalesce(sum(size), 0) FROM packs", [], |r| {
+                r.get::<_, i64>(0)
+            })? as u64)
+    }
+
     pub(crate) fn read_at(&self, loc: &Location) -> Result<Vec<u8>> {
         let buf =
             self.backend
