@@ -465,3 +465,130 @@ fn socket_activation_by_nbdcopy() {
     );
     assert!(identical(p(&base), "raw", p(&out), "raw"));
 }
+
+/// The newest file in /boot whose name starts with `prefix` (Debian's kernel and
+/// initrd, installed by scripts/test).
+fn boot_file(prefix: &str) -> PathBuf {
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/boot")
+        .expect("/boot (scripts/test installs linux-image-amd64)")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(prefix))
+        })
+        .collect();
+    found.sort();
+    found
+        .pop()
+        .unwrap_or_else(|| panic!("no /boot/{prefix}* (scripts/test installs linux-image-amd64)"))
+}
+
+#[test]
+fn qemu_boots_linux_from_a_session_and_the_commit_keeps_what_it_wrote() {
+    let env = Env::new();
+    // A root file system whose init proves it ran: it writes the nonce from the kernel
+    // command line into a file, remounts read-only (a clean file system) and powers off.
+    let root = env.path("rootdir");
+    for d in ["bin", "sbin", "proc", "sys", "dev", "run", "tmp"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox"))
+        .expect("/bin/busybox (scripts/test installs busybox-static)");
+    let init = root.join("sbin/init");
+    std::fs::write(
+        &init,
+        "#!/bin/busybox sh\n\
+         B=/bin/busybox\n\
+         $B mount -t proc proc /proc\n\
+         $B mount -o remount,rw /\n\
+         nonce=$($B sed -n 's/.*strata.nonce=\\([0-9a-f]*\\).*/\\1/p' /proc/cmdline)\n\
+         echo \"booted $nonce on $($B uname -r)\" > /booted-by-strata\n\
+         $B sync\n\
+         $B mount -o remount,ro /\n\
+         echo STRATA-BOOT-DONE\n\
+         $B poweroff -f\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let img = env.path("root.img");
+    run("truncate", &["-s", "64M", p(&img)]);
+    run("mke2fs", &["-q", "-t", "ext4", "-d", p(&root), p(&img)]);
+    env.ok(&["import", p(&img), "vmroot", "-m", "root fs"]);
+    env.ok(&["session", "create", "vm", "--from", "vmroot"]);
+    let srv = env.serve();
+
+    let nonce = format!("{:016x}", Rng(std::process::id() as u64 | 1).next());
+    let serial = env.path("serial.log");
+    let mut qemu = Command::new("qemu-system-x86_64")
+        .args(["-machine", "q35,accel=tcg", "-m", "256", "-smp", "1"])
+        .args(["-display", "none", "-monitor", "none", "-nic", "none"])
+        .args(["-no-reboot", "-serial"])
+        .arg(format!("file:{}", serial.display()))
+        .arg("-kernel")
+        .arg(boot_file("vmlinuz-"))
+        .arg("-initrd")
+        .arg(boot_file("initrd.img-"))
+        .args([
+            "-append",
+            &format!("root=/dev/vda rw console=ttyS0 panic=-1 strata.nonce={nonce}"),
+        ])
+        .args([
+            "-drive",
+            &format!(
+                "if=virtio,format=raw,cache=none,file.driver=nbd,file.server.type=unix,\
+                 file.server.path={},file.export=vm",
+                srv.sock.display()
+            ),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("qemu-system-x86_64 (scripts/test installs qemu-system-x86)");
+    // Software emulation takes ~15-40 s here; ten minutes means something hangs.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    let status = loop {
+        if let Some(st) = qemu.try_wait().unwrap() {
+            break st;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = qemu.kill();
+            panic!(
+                "the VM did not power off in 10 minutes; serial console:\n{}",
+                std::fs::read_to_string(&serial).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let console = std::fs::read_to_string(&serial).unwrap_or_default();
+    assert!(
+        status.success() && console.contains("STRATA-BOOT-DONE"),
+        "qemu {status}; serial console:\n{console}"
+    );
+
+    // Commit while the server still holds the session, then read the file back out of
+    // the committed version with tools that know nothing of Strata.
+    let out: serde_json::Value =
+        serde_json::from_str(&env.ok(&["--json", "session", "commit", "vm", "-m", "after boot"]))
+            .unwrap();
+    let version = out["version"].as_str().unwrap().to_string();
+    drop(srv);
+    let exported = env.path("committed.img");
+    env.ok(&[
+        "export",
+        &format!("vmroot@{}", &version[..16]),
+        p(&exported),
+    ]);
+    run("e2fsck", &["-fn", p(&exported)]);
+    let cat = run("debugfs", &["-R", "cat /booted-by-strata", p(&exported)]);
+    assert!(
+        cat.contains(&format!("booted {nonce} on ")),
+        "the committed version lacks the file the VM wrote: {cat:?}"
+    );
+    // The base the VM booted from is untouched.
+    let base_copy = env.path("base-again.img");
+    env.ok(&["export", "vmroot@main~1", p(&base_copy)]);
+    assert!(identical(p(&img), "raw", p(&base_copy), "raw"));
+    env.ok(&["verify"]);
+}

@@ -144,9 +144,10 @@ fn compressed_clusters_deflate_and_zstd() {
             p(&raw),
             p(&img),
         ]);
-        let map = qemu_img(&["map", "--output=json", p(&img)]);
+        // `qemu-img map` reports compression only from qemu 8 on; `check` counts it.
+        let check = qemu_img(&["check", "--output=json", p(&img)]);
         assert!(
-            map.contains("\"compressed\": true"),
+            !check.contains("\"compressed-clusters\": 0,") && check.contains("compressed-clusters"),
             "{cluster} {ctype}: no compressed cluster"
         );
         let ours = assert_matches_qemu(&img);

@@ -309,6 +309,14 @@ pub fn qemu_img(args: &[&str]) -> String {
     run_tool("qemu-img", args)
 }
 
+/// How many clusters of a qcow2 image are compressed, as `qemu-img check` counts them
+/// (`qemu-img map` reports compression only from qemu 8 on).
+pub fn compressed_clusters(file: &Path) -> u64 {
+    let out = qemu_img(&["check", "--output=json", p(file)]);
+    let v: Value = serde_json::from_str(&out).expect("qemu-img check prints JSON");
+    v["compressed-clusters"].as_u64().unwrap_or(0)
+}
+
 /// Run one qemu-io command (`-c CMD`) on `file` opened as `fmt`, panicking on failure.
 pub fn qemu_io(fmt: &str, file: &Path, cmd: &str) {
     let args = ["-f", fmt, "-c", cmd, p(file)];
