@@ -131,10 +131,16 @@ impl Marker<'_> {
                     if let Ok(Entry::Present(root)) = v.root_entry() {
                         stack.push(root);
                     }
-                    stack.extend(
-                        v.parent_ids()
-                            .map_err(|reason| StoreError::Corrupt { id, reason })?,
-                    );
+                    // A parent the store does not hold is the edge of a shallow
+                    // history (a version pulled or pushed without its ancestors).
+                    for p in v
+                        .parent_ids()
+                        .map_err(|reason| StoreError::Corrupt { id, reason })?
+                    {
+                        if catalog::locate(conn, &p)?.is_some() {
+                            stack.push(p);
+                        }
+                    }
                 }
             }
         }

@@ -36,7 +36,7 @@ pub use backend::{Backend, LocalDir};
 pub use error::{Result, StoreError};
 pub use id::{ChunkId, ObjectKind, VersionId};
 pub use session::{
-    BlockInput, CommitTarget, PreparedBlocks, VersionDraft, WriteSession, WriteStats,
+    BlockInput, BranchUpdate, CommitTarget, PreparedBlocks, VersionDraft, WriteSession, WriteStats,
 };
 pub use store::{
     validate_block_size, validate_name, DiskSessionInfo, ImageInfo, RefInfo, RefKind, Store,

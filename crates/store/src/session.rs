@@ -23,7 +23,9 @@
 
 use std::collections::HashSet;
 use std::fs::File;
+use std::ops::Deref;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use rayon::prelude::*;
 use rusqlite::params;
@@ -110,6 +112,17 @@ impl VersionDraft {
     }
 }
 
+/// The branch a received version is published on ([`WriteSession::commit_received`]).
+#[derive(Clone, Debug)]
+pub struct BranchUpdate {
+    pub image: String,
+    pub branch: String,
+    /// The tip the caller saw (`None`: the branch must not exist yet).
+    pub expected: Option<VersionId>,
+    /// Create the image (with the version's block size) if it does not exist.
+    pub create_image: bool,
+}
+
 /// Where a commit goes.
 #[derive(Clone, Debug)]
 pub struct CommitTarget {
@@ -124,8 +137,26 @@ pub struct CommitTarget {
     pub message: String,
 }
 
+/// The store a session writes to: borrowed (the usual case) or shared, so that a
+/// session can outlive any one borrow (a hub keeps a receive session open across the
+/// HTTP requests of one upload; see [`WriteSession::begin_owned`]).
+enum StoreRef<'s> {
+    Borrowed(&'s Store),
+    Shared(Arc<Store>),
+}
+
+impl Deref for StoreRef<'_> {
+    type Target = Store;
+    fn deref(&self) -> &Store {
+        match self {
+            StoreRef::Borrowed(s) => s,
+            StoreRef::Shared(s) => s,
+        }
+    }
+}
+
 pub struct WriteSession<'s> {
-    store: &'s Store,
+    store: StoreRef<'s>,
     id: String,
     lock_path: PathBuf,
     _lock: File,
@@ -147,6 +178,10 @@ fn is_zero(b: &[u8]) -> bool {
 impl<'s> WriteSession<'s> {
     /// Start a session; `purpose` is shown to operators (e.g. "import disk.qcow2").
     pub fn begin(store: &'s Store, purpose: &str) -> Result<WriteSession<'s>> {
+        Self::begin_with(StoreRef::Borrowed(store), purpose)
+    }
+
+    fn begin_with(store: StoreRef<'s>, purpose: &str) -> Result<WriteSession<'s>> {
         let id = random_hex16();
         let lock_path = store.sessions_dir().join(format!("{id}.lock"));
         // Lock under a temporary name, then rename: a `.lock` file is never visible
@@ -176,6 +211,13 @@ impl<'s> WriteSession<'s> {
             finished: false,
             relocate: false,
         })
+    }
+
+    /// Start a session that owns a handle to its store instead of borrowing it, so it
+    /// can be kept across requests (a hub's upload in progress) or moved between
+    /// threads. It protects what it holds from gc exactly like [`WriteSession::begin`].
+    pub fn begin_owned(store: Arc<Store>, purpose: &str) -> Result<WriteSession<'static>> {
+        WriteSession::begin_with(StoreRef::Shared(store), purpose)
     }
 
     /// Make appended objects replace existing index entries (gc's repacking).
@@ -472,6 +514,13 @@ impl<'s> WriteSession<'s> {
         self.unflushed.insert(id);
         if w.len() >= TARGET_PACK_SIZE {
             let w = slot.take().expect("pack is open");
+            // Data before the nodes that name it: once a node is indexed, its subtree
+            // must be too (receivers rely on "node present => subtree present").
+            if !data {
+                if let Some(d) = self.data_pack.take() {
+                    self.flush_pack(d)?;
+                }
+            }
             self.flush_pack(w)?;
         }
         Ok(e)
@@ -519,9 +568,22 @@ impl<'s> WriteSession<'s> {
 
     /// Finish `draft` and commit it as a new version on `target`'s branch.
     pub fn commit(
+        self,
+        draft: VersionDraft,
+        target: &CommitTarget,
+    ) -> Result<(VersionId, Version, WriteStats)> {
+        self.commit_with(draft, target, |_| Ok(()))
+    }
+
+    /// [`commit`](Self::commit), calling `before_publish` with the new version's id
+    /// once its objects are durable and before the branch moves. A caller that must
+    /// learn after a crash whether its commit was published records the id there
+    /// (a disk session does; see strata-block) and later looks it up in the catalog.
+    pub fn commit_with(
         mut self,
         draft: VersionDraft,
         target: &CommitTarget,
+        before_publish: impl FnOnce(&VersionId) -> Result<()>,
     ) -> Result<(VersionId, Version, WriteStats)> {
         if draft.tree.pushed() != draft.blocks_total() {
             return Err(StoreError::Invalid(format!(
@@ -556,23 +618,49 @@ impl<'s> WriteSession<'s> {
         let vid = ChunkId::for_object(ObjectKind::Version, &record);
         self.store_objects(ObjectKind::Version, &[(vid, &record)])?;
         self.flush()?;
-        let session = self.id.clone();
+        before_publish(&vid)?;
         let record_text = String::from_utf8(record).expect("JSON is UTF-8");
+        self.publish(
+            &vid,
+            &record_text,
+            draft.block_size,
+            &BranchUpdate {
+                image: target.image.clone(),
+                branch: target.branch.clone(),
+                expected: target.expected,
+                create_image: target.create_image,
+            },
+        )?;
+        self.finished = true;
+        let _ = std::fs::remove_file(&self.lock_path);
+        Ok((vid, version, self.stats.clone()))
+    }
+
+    /// In one durable transaction: list version `vid` (its record `record_text`), move
+    /// the branch by compare-and-swap (creating the image if asked), end the session.
+    fn publish(
+        &mut self,
+        vid: &VersionId,
+        record_text: &str,
+        block_size: u32,
+        target: &BranchUpdate,
+    ) -> Result<()> {
+        let session = self.id.clone();
         self.store.cat().write_durable(|tx| {
             match tx.query_row(
                 "SELECT block_size FROM images WHERE name = ?",
                 [&target.image],
                 |r| r.get::<_, u32>(0),
             ) {
-                Ok(bs) if bs != draft.block_size => {
+                Ok(bs) if bs != block_size => {
                     return Err(StoreError::Invalid(format!(
                         "image {:?} has {bs}-byte blocks, this version {}",
-                        target.image, draft.block_size
+                        target.image, block_size
                     )))
                 }
                 Ok(_) => {}
                 Err(rusqlite::Error::QueryReturnedNoRows) if target.create_image => {
-                    create_image(tx, &target.image, draft.block_size)?
+                    create_image(tx, &target.image, block_size)?
                 }
                 Err(rusqlite::Error::QueryReturnedNoRows) => {
                     return Err(StoreError::NoSuchImage(target.image.clone()))
@@ -588,13 +676,133 @@ impl<'s> WriteSession<'s> {
                 &target.image,
                 &target.branch,
                 target.expected.as_ref(),
-                &vid,
+                vid,
             )?;
             end_session(tx, &session).map(drop)
+        })
+    }
+
+    // ---- receiving objects from another store ---------------------------------------
+    //
+    // A transfer (hub <-> point) moves objects that already have ids. The receiver
+    // asks which ids it lacks ([`WriteSession::lacking`], which pins the ones it has),
+    // takes the missing objects children first ([`WriteSession::add_received`]) and
+    // finally moves a branch to the version ([`WriteSession::commit_received`]). All
+    // of it stays protected from a concurrent gc by this session until that commit.
+
+    /// Of `ids`, those neither in the store nor written by this session (each once, in
+    /// the order given). Every id that is present is pinned in the same transaction,
+    /// so "present" stays true for the rest of the session whatever gc does.
+    pub fn lacking(&mut self, ids: &[ChunkId]) -> Result<Vec<ChunkId>> {
+        let present = self.lookup_and_pin(ids)?;
+        let mut seen = HashSet::new();
+        Ok(ids
+            .iter()
+            .filter(|id| !present.contains(id) && !self.unflushed.contains(id) && seen.insert(**id))
+            .copied()
+            .collect())
+    }
+
+    /// Add objects received from elsewhere. Each must hash to its id in its kind's
+    /// domain ([`ChunkId::for_object`]); a tree node is taken only once every object it
+    /// names is in the store, in this session or earlier in `objects`, and a version
+    /// record only once its root node is — so in a store filled this way, *a node that
+    /// is present has its whole subtree present*, and a sender may skip a subtree the
+    /// receiver holds without walking it. A version's parents need not be present
+    /// (history may be shallow). The whole call is refused, storing nothing, if any
+    /// object fails a check: [`StoreError::Corrupt`] for a hash mismatch or a record
+    /// that does not decode, [`StoreError::MissingObject`] for an absent child.
+    /// Returns how many objects were new.
+    pub fn add_received(&mut self, objects: &[(ObjectKind, ChunkId, &[u8])]) -> Result<usize> {
+        if let Some((_, id, raw, kind)) = objects
+            .par_iter()
+            .map(|(k, id, raw)| (ChunkId::for_object(*k, raw), id, raw, k))
+            .find_first(|(h, id, _, _)| h != *id)
+            .map(|(h, id, raw, k)| (h, *id, raw.len(), *k))
+        {
+            return Err(StoreError::Corrupt {
+                id,
+                reason: format!(
+                    "received {} object ({raw} bytes) does not match its id",
+                    kind.name()
+                ),
+            });
+        }
+        // What the metadata names, and which of it comes earlier in this call.
+        let mut earlier: HashSet<ChunkId> = HashSet::new();
+        let mut needed: Vec<(ChunkId, &'static str)> = Vec::new();
+        for (kind, id, raw) in objects {
+            let corrupt = |reason: String| StoreError::Corrupt { id: *id, reason };
+            match kind {
+                ObjectKind::Data => {}
+                ObjectKind::Tree => {
+                    let node = crate::tree::Node::decode(raw).map_err(corrupt)?;
+                    let what = if node.level == 0 { "data" } else { "tree" };
+                    needed.extend(
+                        crate::tree::present_ids(&node.entries)
+                            .into_iter()
+                            .filter(|c| !earlier.contains(c))
+                            .map(|c| (c, what)),
+                    );
+                }
+                ObjectKind::Version => {
+                    let v = Version::decode(raw).map_err(corrupt)?;
+                    if let Ok(Entry::Present(root)) = v.root_entry() {
+                        if !earlier.contains(&root) {
+                            needed.push((root, "tree"));
+                        }
+                    }
+                }
+            }
+            earlier.insert(*id);
+        }
+        if !needed.is_empty() {
+            let ids: Vec<ChunkId> = needed.iter().map(|(id, _)| *id).collect();
+            let present = self.lookup_and_pin(&ids)?;
+            if let Some((id, kind)) = needed
+                .iter()
+                .find(|(id, _)| !present.contains(id) && !self.unflushed.contains(id))
+            {
+                return Err(StoreError::MissingObject { id: *id, kind });
+            }
+        }
+        let mut n = 0;
+        for want in [ObjectKind::Data, ObjectKind::Tree, ObjectKind::Version] {
+            let objs: Vec<(ChunkId, &[u8])> = objects
+                .iter()
+                .filter(|(k, _, _)| *k == want)
+                .map(|(_, id, raw)| (*id, *raw))
+                .collect();
+            n += self.store_objects(want, &objs)?;
+        }
+        Ok(n)
+    }
+
+    /// Finish a transfer: make everything received durable, then in one transaction
+    /// list version `vid` (which must be in the store or this session, received
+    /// through [`WriteSession::add_received`] or committed locally) and move
+    /// `target`'s branch to it by compare-and-swap. A conflict
+    /// ([`StoreError::RefConflict`]) changes nothing; the session ends either way.
+    pub fn commit_received(mut self, vid: &VersionId, target: &BranchUpdate) -> Result<Version> {
+        self.flush()?;
+        // Pinned while we read it: gc must not take it between this read and the commit.
+        if !self.lacking(&[*vid])?.is_empty() {
+            return Err(StoreError::MissingObject {
+                id: *vid,
+                kind: "version",
+            });
+        }
+        let record = self.store.read_object(vid, ObjectKind::Version)?;
+        let version =
+            Version::decode(&record).map_err(|reason| StoreError::Corrupt { id: *vid, reason })?;
+        let record_text = String::from_utf8(record).map_err(|_| StoreError::Corrupt {
+            id: *vid,
+            reason: "version record is not UTF-8".into(),
         })?;
+        self.publish(vid, &record_text, version.block_size, target)?;
         self.finished = true;
         let _ = std::fs::remove_file(&self.lock_path);
-        Ok((vid, version, self.stats.clone()))
+        Ok(version)
     }
 
     /// End the session without committing, after flushing what it wrote (gc uses this:

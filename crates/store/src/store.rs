@@ -26,6 +26,9 @@ use crate::pack;
 use crate::tree::Node;
 use crate::version::Version;
 
+/// An object's kind and bytes, as [`Store::read_objects`] returns them.
+pub type TypedObject = (ObjectKind, Vec<u8>);
+
 /// The newest store format this build reads and writes.
 pub const STORE_FORMAT: u32 = 1;
 pub const DEFAULT_BLOCK_SIZE: u32 = 64 << 10;
@@ -291,6 +294,39 @@ impl Store {
                     id: *id,
                     kind: "data",
                 }),
+            })
+            .collect()
+    }
+
+    /// Read many objects of any kind at once (in parallel), in the order given, each
+    /// checked against its id: `None` for an id the store does not hold. (What a hub
+    /// serves a download from.)
+    pub fn read_objects(&self, ids: &[ChunkId]) -> Result<Vec<Option<TypedObject>>> {
+        use rayon::prelude::*;
+        let locs: Vec<Option<Location>> = {
+            let cat = self.cat();
+            ids.iter()
+                .map(|id| catalog::locate(&cat.conn, id))
+                .collect::<Result<_>>()?
+        };
+        ids.par_iter()
+            .zip(locs.par_iter())
+            .map(|(id, loc)| {
+                let Some(loc) = loc else { return Ok(None) };
+                let kind = loc.entry.kind;
+                match self.read_at(loc) {
+                    // gc moved it meanwhile: look it up again.
+                    Err(StoreError::Io { source, .. })
+                        if source.kind() == std::io::ErrorKind::NotFound =>
+                    {
+                        match self.read_object(id, kind) {
+                            Ok(raw) => Ok(Some((kind, raw))),
+                            Err(StoreError::MissingObject { .. }) => Ok(None),
+                            Err(e) => Err(e),
+                        }
+                    }
+                    other => other.map(|raw| Some((kind, raw))),
+                }
             })
             .collect()
     }
