@@ -1,0 +1,348 @@
+//! The hub's metadata: points, enrolment tokens, grants, image owners, audit log.
+//!
+//! Behind the [`MetaDb`] trait so that a PostgreSQL implementation (several hub
+//! replicas sharing one database) can replace the embedded SQLite one without
+//! touching the service. Secrets are never stored: tokens and credentials are kept
+//! as BLAKE3 hashes (they are 256-bit random strings, so a fast hash is enough).
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use strata_sync::api::{AuditEntry, PointInfo};
+
+pub type DbResult<T> = Result<T, DbError>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("metadata database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// A 32-byte hash of a secret.
+pub type SecretHash = [u8; 32];
+
+pub fn hash_secret(s: &str) -> SecretHash {
+    *blake3::hash(s.as_bytes()).as_bytes()
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PointRow {
+    pub name: String,
+    pub revoked: bool,
+}
+
+/// What the hub needs to remember besides the store.
+pub trait MetaDb: Send + Sync {
+    /// Remember a one-time enrolment token for point `name` (replacing an unused one).
+    fn create_enrollment(&self, name: &str, token: &SecretHash, expires: i64) -> DbResult<()>;
+    /// Consume a valid token: the point `name` (new, or re-enrolled) gets `credential`
+    /// and is no longer revoked. `None` if the token is unknown, used or expired.
+    fn redeem_enrollment(
+        &self,
+        token: &SecretHash,
+        credential: &SecretHash,
+        now: i64,
+    ) -> DbResult<Option<String>>;
+    fn point_by_credential(&self, credential: &SecretHash) -> DbResult<Option<PointRow>>;
+    fn touch_point(&self, name: &str, now: i64) -> DbResult<()>;
+    /// Revoke a point's credential; false if there is no such point.
+    fn revoke_point(&self, name: &str) -> DbResult<bool>;
+    fn points(&self) -> DbResult<Vec<PointInfo>>;
+    fn point_exists(&self, name: &str) -> DbResult<bool>;
+    fn grant(&self, point: &str, image: &str) -> DbResult<()>;
+    fn revoke_grant(&self, point: &str, image: &str) -> DbResult<bool>;
+    fn is_granted(&self, point: &str, image: &str) -> DbResult<bool>;
+    fn owner(&self, image: &str) -> DbResult<Option<String>>;
+    /// Make `point` the owner of `image` unless someone already is; returns the owner.
+    fn claim(&self, image: &str, point: &str) -> DbResult<String>;
+    fn audit(&self, actor: &str, action: &str, target: &str, detail: &str) -> DbResult<()>;
+    /// The newest `limit` entries, newest first.
+    fn audit_log(&self, limit: u32) -> DbResult<Vec<AuditEntry>>;
+}
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS points(
+    name TEXT PRIMARY KEY,
+    credential BLOB UNIQUE,
+    enrolled INTEGER NOT NULL,
+    revoked INTEGER NOT NULL DEFAULT 0,
+    last_seen INTEGER
+);
+CREATE TABLE IF NOT EXISTS enrollments(
+    token BLOB PRIMARY KEY,
+    name TEXT NOT NULL,
+    expires INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS grants(
+    point TEXT NOT NULL,
+    image TEXT NOT NULL,
+    PRIMARY KEY(point, image)
+);
+CREATE TABLE IF NOT EXISTS owners(
+    image TEXT PRIMARY KEY,
+    point TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit(
+    id INTEGER PRIMARY KEY,
+    time INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+"#;
+
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// [`MetaDb`] in an SQLite file beside the hub's store (WAL, one connection: the
+/// hub's metadata traffic is a few small queries per request).
+pub struct SqliteMeta {
+    conn: Mutex<Connection>,
+}
+
+impl SqliteMeta {
+    pub fn open(path: &Path) -> DbResult<SqliteMeta> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(30))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(SqliteMeta {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl MetaDb for SqliteMeta {
+    fn create_enrollment(&self, name: &str, token: &SecretHash, expires: i64) -> DbResult<()> {
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        tx.execute("DELETE FROM enrollments WHERE name = ?", [name])?;
+        tx.execute(
+            "INSERT INTO enrollments(token, name, expires) VALUES(?, ?, ?)",
+            params![&token[..], name, expires],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn redeem_enrollment(
+        &self,
+        token: &SecretHash,
+        credential: &SecretHash,
+        now: i64,
+    ) -> DbResult<Option<String>> {
+        let mut c = self.conn();
+        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let row: Option<(String, i64)> = tx
+            .query_row(
+                "SELECT name, expires FROM enrollments WHERE token = ?",
+                [&token[..]],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let Some((name, expires)) = row else {
+            return Ok(None);
+        };
+        // One use only, valid or not.
+        tx.execute("DELETE FROM enrollments WHERE token = ?", [&token[..]])?;
+        if expires < now {
+            tx.commit()?;
+            return Ok(None);
+        }
+        tx.execute(
+            "INSERT INTO points(name, credential, enrolled, revoked) VALUES(?, ?, ?, 0)
+             ON CONFLICT(name) DO UPDATE SET credential = excluded.credential,
+                 enrolled = excluded.enrolled, revoked = 0",
+            params![name, &credential[..], now],
+        )?;
+        tx.commit()?;
+        Ok(Some(name))
+    }
+
+    fn point_by_credential(&self, credential: &SecretHash) -> DbResult<Option<PointRow>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT name, revoked FROM points WHERE credential = ?",
+                [&credential[..]],
+                |r| {
+                    Ok(PointRow {
+                        name: r.get(0)?,
+                        revoked: r.get::<_, i64>(1)? != 0,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    fn touch_point(&self, name: &str, now: i64) -> DbResult<()> {
+        self.conn().execute(
+            "UPDATE points SET last_seen = ? WHERE name = ? AND coalesce(last_seen, 0) < ? - 60",
+            params![now, name, now],
+        )?;
+        Ok(())
+    }
+
+    fn revoke_point(&self, name: &str) -> DbResult<bool> {
+        Ok(self
+            .conn()
+            .execute("UPDATE points SET revoked = 1 WHERE name = ?", [name])?
+            > 0)
+    }
+
+    fn points(&self) -> DbResult<Vec<PointInfo>> {
+        let c = self.conn();
+        let mut stmt =
+            c.prepare("SELECT name, enrolled, revoked, last_seen FROM points ORDER BY name")?;
+        let rows: Vec<(String, i64, i64, Option<i64>)> = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+            .collect::<Result<_, _>>()?;
+        let mut out = Vec::new();
+        for (name, enrolled, revoked, last_seen) in rows {
+            let list = |sql: &str| -> DbResult<Vec<String>> {
+                let mut s = c.prepare(sql)?;
+                let v = s
+                    .query_map([&name], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?;
+                Ok(v)
+            };
+            out.push(PointInfo {
+                grants: list("SELECT image FROM grants WHERE point = ? ORDER BY image")?,
+                owns: list("SELECT image FROM owners WHERE point = ? ORDER BY image")?,
+                name,
+                enrolled,
+                revoked: revoked != 0,
+                last_seen,
+            });
+        }
+        Ok(out)
+    }
+
+    fn point_exists(&self, name: &str) -> DbResult<bool> {
+        Ok(self
+            .conn()
+            .query_row("SELECT count(*) FROM points WHERE name = ?", [name], |r| {
+                r.get::<_, i64>(0)
+            })?
+            > 0)
+    }
+
+    fn grant(&self, point: &str, image: &str) -> DbResult<()> {
+        self.conn().execute(
+            "INSERT INTO grants(point, image) VALUES(?, ?) ON CONFLICT DO NOTHING",
+            params![point, image],
+        )?;
+        Ok(())
+    }
+
+    fn revoke_grant(&self, point: &str, image: &str) -> DbResult<bool> {
+        Ok(self.conn().execute(
+            "DELETE FROM grants WHERE point = ? AND image = ?",
+            params![point, image],
+        )? > 0)
+    }
+
+    fn is_granted(&self, point: &str, image: &str) -> DbResult<bool> {
+        Ok(self.conn().query_row(
+            "SELECT count(*) FROM grants WHERE point = ? AND image = ?",
+            params![point, image],
+            |r| r.get::<_, i64>(0),
+        )? > 0)
+    }
+
+    fn owner(&self, image: &str) -> DbResult<Option<String>> {
+        Ok(self
+            .conn()
+            .query_row("SELECT point FROM owners WHERE image = ?", [image], |r| {
+                r.get(0)
+            })
+            .optional()?)
+    }
+
+    fn claim(&self, image: &str, point: &str) -> DbResult<String> {
+        let c = self.conn();
+        c.execute(
+            "INSERT INTO owners(image, point) VALUES(?, ?) ON CONFLICT DO NOTHING",
+            params![image, point],
+        )?;
+        Ok(
+            c.query_row("SELECT point FROM owners WHERE image = ?", [image], |r| {
+                r.get(0)
+            })?,
+        )
+    }
+
+    fn audit(&self, actor: &str, action: &str, target: &str, detail: &str) -> DbResult<()> {
+        self.conn().execute(
+            "INSERT INTO audit(time, actor, action, target, detail) VALUES(?, ?, ?, ?, ?)",
+            params![now(), actor, action, target, detail],
+        )?;
+        Ok(())
+    }
+
+    fn audit_log(&self, limit: u32) -> DbResult<Vec<AuditEntry>> {
+        let c = self.conn();
+        let mut stmt = c.prepare(
+            "SELECT id, time, actor, action, target, detail FROM audit ORDER BY id DESC LIMIT ?",
+        )?;
+        let rows = stmt.query_map([limit], |r| {
+            Ok(AuditEntry {
+                id: r.get(0)?,
+                time: r.get(1)?,
+                actor: r.get(2)?,
+                action: r.get(3)?,
+                target: r.get(4)?,
+                detail: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enrolment_is_one_time_and_revocation_sticks() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = SqliteMeta::open(&dir.path().join("hub.sqlite")).unwrap();
+        let (t, c) = (hash_secret("tok"), hash_secret("cred"));
+        db.create_enrollment("p1", &t, now() + 60).unwrap();
+        assert_eq!(
+            db.redeem_enrollment(&t, &c, now()).unwrap(),
+            Some("p1".into())
+        );
+        assert_eq!(db.redeem_enrollment(&t, &c, now()).unwrap(), None);
+        assert_eq!(
+            db.point_by_credential(&c).unwrap(),
+            Some(PointRow {
+                name: "p1".into(),
+                revoked: false
+            })
+        );
+        assert!(db.revoke_point("p1").unwrap());
+        assert!(db.point_by_credential(&c).unwrap().unwrap().revoked);
+        let t2 = hash_secret("expired");
+        db.create_enrollment("p2", &t2, now() - 1).unwrap();
+        assert_eq!(db.redeem_enrollment(&t2, &c, now()).unwrap(), None);
+        assert_eq!(db.claim("img", "p1").unwrap(), "p1");
+        assert_eq!(db.claim("img", "p2").unwrap(), "p1");
+        db.audit("admin", "grant", "p1", "img").unwrap();
+        assert_eq!(db.audit_log(10).unwrap()[0].action, "grant");
+    }
+}

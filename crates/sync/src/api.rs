@@ -1,0 +1,195 @@
+//! Types of the hub's HTTP API (`docs/hub-api.yaml`), shared by the hub and its
+//! clients so that both ends agree by construction.
+//!
+//! JSON for metadata; binary bodies for ids and objects:
+//!
+//! * id list (`application/octet-stream`): ids of 32 bytes, concatenated;
+//! * want list (download request): records of 64 bytes, `id:[32] base:[32]`, where
+//!   `base` is an object the client holds and would like a delta against (all zero:
+//!   none);
+//! * object stream (`application/x-strata-objects`): see [`crate::frame`].
+
+use serde::{Deserialize, Serialize};
+use strata_store::ChunkId;
+
+/// Path prefix of every endpoint.
+pub const API_PREFIX: &str = "/v1";
+pub const OBJECTS_CONTENT_TYPE: &str = "application/x-strata-objects";
+/// At most this many ids in one missing query or download request.
+pub const MAX_IDS_PER_REQUEST: usize = 1 << 16;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EnrollRequest {
+    pub token: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EnrollResponse {
+    /// The point's name (chosen by the operator who made the token).
+    pub point: String,
+    /// The point's bearer credential; the hub keeps only its hash.
+    pub credential: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RefEntry {
+    pub name: String,
+    /// Version id (hex).
+    pub version: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ImageSummary {
+    pub name: String,
+    pub block_size: u32,
+    /// The point that owns (may write) the image; `None` for the operators' images.
+    pub owner: Option<String>,
+    /// Whether the caller may write it.
+    pub writable: bool,
+    pub branches: Vec<RefEntry>,
+    pub tags: Vec<RefEntry>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VersionResponse {
+    /// Version id (hex).
+    pub id: String,
+    /// The version record, exactly the bytes the id hashes (a JSON document as text).
+    pub record: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct UploadCreated {
+    pub upload: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct UploadReport {
+    /// Objects in the body.
+    pub objects: u64,
+    /// Of those, objects the hub did not hold yet.
+    pub new_objects: u64,
+    /// Uncompressed object bytes (after resolving deltas).
+    pub raw_bytes: u64,
+}
+
+/// Move a branch by compare-and-swap.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CasRequest {
+    /// The version the branch must point at now (hex); `None`: it must not exist.
+    pub expected: Option<String>,
+    pub version: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CommitRequest {
+    pub branch: String,
+    pub expected: Option<String>,
+    pub version: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RefUpdated {
+    pub image: String,
+    pub branch: String,
+    pub version: String,
+}
+
+/// Every error response.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Machine-readable: unauthorized, forbidden, not_found, conflict, bad_object,
+    /// missing_object, bad_request, internal.
+    pub code: String,
+    pub error: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EnrollmentRequest {
+    /// The name the point will have.
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EnrollmentToken {
+    pub name: String,
+    pub token: String,
+    /// Seconds since the epoch after which the token is void.
+    pub expires: i64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Grant {
+    pub point: String,
+    pub image: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PointInfo {
+    pub name: String,
+    pub enrolled: i64,
+    pub revoked: bool,
+    pub last_seen: Option<i64>,
+    /// Images granted for reading.
+    pub grants: Vec<String>,
+    /// Images it owns (may write).
+    pub owns: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub id: i64,
+    pub time: i64,
+    /// `admin` or `point:NAME`.
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub detail: String,
+}
+
+pub fn encode_ids(ids: &[ChunkId]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(ids.len() * 32);
+    for id in ids {
+        b.extend_from_slice(&id.0);
+    }
+    b
+}
+
+pub fn decode_ids(b: &[u8]) -> Option<Vec<ChunkId>> {
+    if !b.len().is_multiple_of(32) || b.len() / 32 > MAX_IDS_PER_REQUEST {
+        return None;
+    }
+    Some(b.chunks_exact(32).filter_map(ChunkId::from_slice).collect())
+}
+
+/// One object asked for in a download, with the base the client would like a delta
+/// against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Want {
+    pub id: ChunkId,
+    pub base: Option<ChunkId>,
+}
+
+pub fn encode_wants(wants: &[Want]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(wants.len() * 64);
+    for w in wants {
+        b.extend_from_slice(&w.id.0);
+        b.extend_from_slice(&w.base.map_or([0; 32], |b| b.0));
+    }
+    b
+}
+
+pub fn decode_wants(b: &[u8]) -> Option<Vec<Want>> {
+    if !b.len().is_multiple_of(64) || b.len() / 64 > MAX_IDS_PER_REQUEST {
+        return None;
+    }
+    Some(
+        b.chunks_exact(64)
+            .map(|r| Want {
+                id: ChunkId::from_slice(&r[..32]).expect("32 bytes"),
+                base: Some(ChunkId::from_slice(&r[32..]).expect("32 bytes"))
+                    .filter(|b| b.0 != [0; 32]),
+            })
+            .collect(),
+    )
+}
