@@ -27,6 +27,9 @@ pub struct Export {
     /// the same disk object (or disks that share all state), so a flush on one
     /// connection covers writes made on another. True unless set otherwise.
     pub multi_conn: bool,
+    /// Held for as long as a connection uses this export and dropped when it ends, so
+    /// a provider can count its clients (`strata session ls`). Clones share it.
+    pub lease: Option<Arc<dyn std::any::Any + Send + Sync>>,
 }
 
 impl Export {
@@ -36,7 +39,14 @@ impl Export {
             canonical_name: None,
             description: String::new(),
             multi_conn: true,
+            lease: None,
         }
+    }
+
+    /// Attach a value dropped when the last connection using this opening ends.
+    pub fn with_lease(mut self, lease: Arc<dyn std::any::Any + Send + Sync>) -> Export {
+        self.lease = Some(lease);
+        self
     }
 
     pub fn with_description(mut self, description: impl Into<String>) -> Export {
@@ -120,6 +130,7 @@ impl ExportProvider for StaticExports {
                 canonical_name: canonical,
                 description: description.clone(),
                 multi_conn: true,
+                lease: None,
             }),
             None => Err(io::Error::new(
                 io::ErrorKind::NotFound,

@@ -1,6 +1,6 @@
 //! libnbd's tools (nbdinfo, nbdcopy, nbdsh) and fio's nbd engine against the server.
-//! Each test is skipped, with a note, where its tool is not installed (Debian
-//! packages libnbd-bin, python3-libnbd, fio).
+//! scripts/test installs them (Debian packages libnbd-bin, python3-libnbd, fio); a
+//! missing tool fails the test that needs it.
 
 mod common;
 

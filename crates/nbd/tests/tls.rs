@@ -145,24 +145,19 @@ fn tls_required_with_qemu_and_nbdinfo() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.to_lowercase().contains("tls"), "{err}");
 
-    if have("nbdinfo") {
-        let uri = format!(
-            "nbds://127.0.0.1:{}/vm?tls-certificates={}",
-            srv.port,
-            anon.display()
-        );
-        let v: serde_json::Value =
-            serde_json::from_str(&run_ok("nbdinfo", &["--json", &uri])).unwrap();
-        assert_eq!(v["TLS"], true);
-        assert_eq!(v["exports"][0]["export-size"], 8 << 20);
-        let map = run_ok("nbdinfo", &["--map", &uri]);
-        assert!(map.contains("hole,zero"), "{map}");
-        // A plain nbd:// URI is refused.
-        let o = run("nbdinfo", &[&srv.tcp_uri("vm")]);
-        assert!(!o.status.success());
-    } else {
-        eprintln!("nbdinfo not installed: its TLS checks skipped");
-    }
+    let uri = format!(
+        "nbds://127.0.0.1:{}/vm?tls-certificates={}",
+        srv.port,
+        anon.display()
+    );
+    let v: serde_json::Value = serde_json::from_str(&run_ok("nbdinfo", &["--json", &uri])).unwrap();
+    assert_eq!(v["TLS"], true);
+    assert_eq!(v["exports"][0]["export-size"], 8 << 20);
+    let map = run_ok("nbdinfo", &["--map", &uri]);
+    assert!(map.contains("hole,zero"), "{map}");
+    // A plain nbd:// URI is refused.
+    let o = run("nbdinfo", &[&srv.tcp_uri("vm")]);
+    assert!(!o.status.success());
 }
 
 #[test]

@@ -133,14 +133,16 @@ pub fn have(tool: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Skip (with a note) when an optional tool is missing.
+/// Fail clearly when a tool the test needs is missing.
 #[macro_export]
 macro_rules! require {
     ($tool:expr) => {
-        if !common::have($tool) {
-            eprintln!("skipped: {} is not installed", $tool);
-            return;
-        }
+        // scripts/test installs every tool; a missing one is a failure, not a skip.
+        assert!(
+            common::have($tool),
+            "{} is not installed (scripts/test installs it)",
+            $tool
+        );
     };
 }
 
