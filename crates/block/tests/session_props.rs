@@ -125,9 +125,30 @@ fn run(seed: u64, bs: usize, blocks: usize, tail: usize, steps: Vec<Step>) {
                 } else {
                     d.write_zeroes(off as u64, len as u64, false, fua).unwrap();
                 }
+                // What the session reads as zero before the op: recorded zero in the
+                // delta, or untouched and not stored data in the base (all-zero data
+                // is stored as a zero entry). Zeroing part of such a block is a no-op.
+                let touched: Vec<(usize, bool)> = (off / bs..(off + len).div_ceil(bs))
+                    .map(|b| {
+                        let reads_zero = match delta.get(&b) {
+                            Some(z) => *z,
+                            None => {
+                                base_model.kinds[b] != Kind::Data
+                                    || base_model.bytes[base_model.block_range(b)]
+                                        .iter()
+                                        .all(|&x| x == 0)
+                            }
+                        };
+                        (b, reads_zero)
+                    })
+                    .collect();
                 model.zero(off, len);
-                for b in off / bs..(off + len).div_ceil(bs) {
-                    delta.insert(b, model.kinds[b] == Kind::Zero);
+                for (b, reads_zero) in touched {
+                    let r = model.block_range(b);
+                    let whole = off <= r.start && r.end <= off + len;
+                    if whole || !reads_zero {
+                        delta.insert(b, model.kinds[b] == Kind::Zero);
+                    }
                 }
             }
             Op::Flush => d.flush().unwrap(),

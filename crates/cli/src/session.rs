@@ -73,15 +73,25 @@ pub struct SessionRow {
     pub session: DiskSessionInfo,
     /// The delta on disk (absent if its directory is missing or unreadable).
     pub delta: Option<SessionInfo>,
+    /// NBD clients connected to it now (0 when no `strata serve` runs).
+    pub clients: u64,
 }
 
 pub fn list(store: &Store) -> Result<Vec<SessionRow>> {
+    let clients = serve::send_control(store, &Control::Clients)?
+        .and_then(|v| v.get("clients").cloned())
+        .unwrap_or_default();
     store
         .disk_sessions()?
         .into_iter()
         .map(|s| {
             let delta = SessionDisk::inspect(&session_dir(store, &s.name)).ok();
-            Ok(SessionRow { session: s, delta })
+            let clients = clients.get(&s.name).and_then(|n| n.as_u64()).unwrap_or(0);
+            Ok(SessionRow {
+                session: s,
+                delta,
+                clients,
+            })
         })
         .collect()
 }

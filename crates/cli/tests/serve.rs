@@ -50,12 +50,18 @@ impl Env {
 
     /// Start `strata serve` on a Unix socket and an ephemeral TCP port.
     fn serve(&self) -> Server {
+        self.serve_with(&[])
+    }
+
+    /// `serve` with more options.
+    fn serve_with(&self, extra: &[&str]) -> Server {
         let sock = self.path("nbd.sock");
         let mut child = Command::new(env!("CARGO_BIN_EXE_strata"))
             .arg("--store")
             .arg(&self.store)
             .args(["serve", "--listen", "127.0.0.1:0", "--socket"])
             .arg(&sock)
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -196,6 +202,70 @@ impl Rng {
     }
 }
 
+/// The block size `strata import` uses by default.
+const BLOCK: u64 = 64 << 10;
+
+/// What `nbdinfo --map` and `qemu-img map` (two clients reading NBD block status)
+/// say of a served disk, checked against its content: they agree with each other,
+/// cover the disk, never call a range zero that is not, and report as zero every
+/// block in `must_be_zero`.
+fn check_map(uri: &str, content: &[u8], must_be_zero: &[bool]) {
+    let extents: serde_json::Value =
+        serde_json::from_str(&run("nbdinfo", &["--map", "--json", uri])).unwrap();
+    let mut zero_ranges = Vec::new();
+    let mut pos = 0u64;
+    for e in extents.as_array().unwrap() {
+        let (off, len, ty) = (
+            e["offset"].as_u64().unwrap(),
+            e["length"].as_u64().unwrap(),
+            e["type"].as_u64().unwrap(),
+        );
+        assert_eq!(off, pos, "extents are contiguous: {extents}");
+        pos += len;
+        if ty & 2 != 0 {
+            let bytes = &content[off as usize..(off + len) as usize];
+            assert!(
+                bytes.iter().all(|&b| b == 0),
+                "nbdinfo calls {off}+{len} zero, but it holds data"
+            );
+            zero_ranges.push((off, off + len));
+        }
+    }
+    assert_eq!(pos, content.len() as u64, "the map covers the disk");
+    for (b, _) in must_be_zero.iter().enumerate().filter(|(_, z)| **z) {
+        let (start, end) = (b as u64 * BLOCK, (b as u64 + 1) * BLOCK);
+        assert!(
+            zero_ranges.iter().any(|&(s, e)| s <= start && end <= e),
+            "block {b} reads as zeros but is not reported as zero: {extents}"
+        );
+    }
+    // qemu-img's map through the same block status marks the same bytes zero.
+    let qmap: serde_json::Value = serde_json::from_str(&run(
+        "qemu-img",
+        &["map", "--output=json", "-f", "raw", uri],
+    ))
+    .unwrap();
+    let mut qzero = Vec::new();
+    for e in qmap.as_array().unwrap() {
+        if e["zero"] == serde_json::Value::Bool(true) {
+            let start = e["start"].as_u64().unwrap();
+            let end = start + e["length"].as_u64().unwrap();
+            match qzero.last_mut() {
+                Some((_, last_end)) if *last_end == start => *last_end = end,
+                _ => qzero.push((start, end)),
+            }
+        }
+    }
+    let mut merged: Vec<(u64, u64)> = Vec::new();
+    for (s, e) in zero_ranges {
+        match merged.last_mut() {
+            Some((_, last_end)) if *last_end == s => *last_end = e,
+            _ => merged.push((s, e)),
+        }
+    }
+    assert_eq!(merged, qzero, "nbdinfo and qemu-img disagree on zeros");
+}
+
 #[test]
 fn session_matches_a_qcow2_overlay_and_commits_while_served() {
     let env = Env::new();
@@ -220,16 +290,31 @@ fn session_matches_a_qcow2_overlay_and_commits_while_served() {
     let srv = env.serve();
     let session = srv.unix("s1");
     let mut rng = Rng(0x5eed);
+    // Blocks (64 KiB) that must be reported as zero: all-zero in the base, or wholly
+    // covered by a zero write or discard since their last data write.
+    let base_bytes = std::fs::read(&base).unwrap();
+    let mut zero: Vec<bool> = base_bytes
+        .chunks(BLOCK as usize)
+        .map(|b| b.iter().all(|&x| x == 0))
+        .collect();
     for round in 0..4 {
         let mut cmds = Vec::new();
         for _ in 0..24 {
             let off = (rng.next() % (32 << 20)) & !511;
             let len = (((rng.next() % (256 << 10)) + 512) & !511).min((32 << 20) - off);
+            let (first, end) = (off.div_ceil(BLOCK), (off + len) / BLOCK);
             let cmd = match rng.next() % 6 {
-                0 => format!("write -z {off} {len}"),
-                1 => format!("discard {off} {len}"),
+                0 | 1 => {
+                    (first..end).for_each(|b| zero[b as usize] = true);
+                    let verb = ["write -z", "discard"][(rng.next() % 2) as usize];
+                    format!("{verb} {off} {len}")
+                }
                 2 => "flush".to_string(),
-                _ => format!("write -P {} {off} {len}", rng.next() % 255 + 1),
+                _ => {
+                    (off / BLOCK..(off + len).div_ceil(BLOCK))
+                        .for_each(|b| zero[b as usize] = false);
+                    format!("write -P {} {off} {len}", rng.next() % 255 + 1)
+                }
             };
             cmds.push(cmd);
         }
@@ -256,6 +341,12 @@ fn session_matches_a_qcow2_overlay_and_commits_while_served() {
             identical(&session, "raw", p(&overlay), "qcow2"),
             "round {round}: session differs from the overlay after {cmds:?}"
         );
+        let now = env.path("now.raw");
+        run(
+            "qemu-img",
+            &["convert", "-f", "qcow2", "-O", "raw", p(&overlay), p(&now)],
+        );
+        check_map(&session, &std::fs::read(&now).unwrap(), &zero);
         if round == 1 {
             // Commit while the server holds the session; it keeps serving afterwards.
             let out = env.ok(&["--json", "session", "commit", "s1", "-m", "round 1"]);
@@ -590,5 +681,327 @@ fn qemu_boots_linux_from_a_session_and_the_commit_keeps_what_it_wrote() {
     let base_copy = env.path("base-again.img");
     env.ok(&["export", "vmroot@main~1", p(&base_copy)]);
     assert!(identical(p(&img), "raw", p(&base_copy), "raw"));
+    env.ok(&["verify"]);
+}
+
+/// A CA and a server certificate for localhost/127.0.0.1 made with openssl, in the
+/// layout `strata serve --tls-dir` and qemu's `tls-creds-x509` read: `server/`
+/// (server-cert.pem, server-key.pem) and `client/` (ca-cert.pem).
+fn make_pki(root: &Path) -> (PathBuf, PathBuf) {
+    let (server, client) = (root.join("server"), root.join("client"));
+    std::fs::create_dir_all(&server).unwrap();
+    std::fs::create_dir_all(&client).unwrap();
+    let ca_key = root.join("ca-key.pem");
+    let ca_cert = client.join("ca-cert.pem");
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut args = vec!["req", "-x509"];
+    args.extend(ec);
+    args.extend(["-keyout", p(&ca_key), "-out", p(&ca_cert), "-days", "2"]);
+    args.extend(["-subj", "/CN=strata test CA"]);
+    args.extend(["-addext", "basicConstraints=critical,CA:TRUE"]);
+    args.extend(["-addext", "keyUsage=critical,keyCertSign,cRLSign"]);
+    run("openssl", &args);
+    let csr = root.join("server.csr");
+    let mut args = vec!["req"];
+    args.extend(ec);
+    let key = server.join("server-key.pem");
+    args.extend([
+        "-keyout",
+        p(&key),
+        "-out",
+        p(&csr),
+        "-subj",
+        "/CN=localhost",
+    ]);
+    run("openssl", &args);
+    let ext = root.join("ext.cnf");
+    std::fs::write(
+        &ext,
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    let cert = server.join("server-cert.pem");
+    run(
+        "openssl",
+        &[
+            "x509",
+            "-req",
+            "-in",
+            p(&csr),
+            "-CA",
+            p(&ca_cert),
+            "-CAkey",
+            p(&ca_key),
+            "-CAcreateserial",
+            "-out",
+            p(&cert),
+            "-days",
+            "2",
+            "-extfile",
+            p(&ext),
+        ],
+    );
+    (server, client)
+}
+
+#[test]
+fn tls_required_serves_versions_and_sessions_only_over_tls() {
+    let env = Env::new();
+    let base = make_base(&env);
+    env.ok(&["session", "create", "s", "--from", "gold"]);
+    let (server_dir, client_dir) = make_pki(&env.path("pki"));
+    let srv = env.serve_with(&["--tls-dir", p(&server_dir), "--tls-required"]);
+    let creds = format!(
+        "tls-creds-x509,id=tls0,dir={},endpoint=client",
+        client_dir.display()
+    );
+    let opts = |export: &str| {
+        format!(
+            "driver=raw,file.driver=nbd,file.host=127.0.0.1,file.port={},file.export={export},file.tls-creds=tls0",
+            srv.port
+        )
+    };
+    // Without TLS the server says no before any export is opened.
+    let plain = Command::new("qemu-img")
+        .args(["info", &srv.tcp("gold@main")])
+        .output()
+        .unwrap();
+    assert!(!plain.status.success(), "a plain client was served");
+    // nbdinfo (libnbd, GnuTLS) lists the exports over TLS.
+    let list = run(
+        "nbdinfo",
+        &[
+            "--list",
+            &format!(
+                "nbds://127.0.0.1:{}/?tls-certificates={}",
+                srv.port,
+                client_dir.display()
+            ),
+        ],
+    );
+    assert!(
+        list.contains("gold@main") && list.contains("export=\"s\""),
+        "{list}"
+    );
+    // qemu reads a version and writes a session through TLS.
+    let copy = env.path("copy.raw");
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "--object",
+            &creds,
+            "--image-opts",
+            &opts("gold@main"),
+            "-O",
+            "raw",
+            p(&copy),
+        ],
+    );
+    assert!(identical(p(&base), "raw", p(&copy), "raw"));
+    run(
+        "qemu-io",
+        &[
+            "--object",
+            &creds,
+            "--image-opts",
+            &opts("s"),
+            "-c",
+            "write -P 0x3c 1M 2M",
+            "-c",
+            "flush",
+        ],
+    );
+    let out = run(
+        "qemu-io",
+        &[
+            "--object",
+            &creds,
+            "--image-opts",
+            &opts("s"),
+            "-c",
+            "read -P 0x3c 1M 2M",
+        ],
+    );
+    assert!(!out.contains("verification failed"), "{out}");
+    drop(srv);
+    env.ok(&["session", "commit", "s", "-m", "over tls"]);
+    let exported = env.path("after.raw");
+    env.ok(&["export", "gold", p(&exported)]);
+    run(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x3c 1M 2M", p(&base)],
+    );
+    assert!(identical(p(&base), "raw", p(&exported), "raw"));
+}
+
+#[test]
+fn session_ls_counts_connected_clients() {
+    let env = Env::new();
+    make_base(&env);
+    env.ok(&["session", "create", "a", "--from", "gold"]);
+    env.ok(&["session", "create", "b", "--from", "gold"]);
+    let clients = |env: &Env| -> Vec<(String, u64)> {
+        let ls: serde_json::Value =
+            serde_json::from_str(&env.ok(&["--json", "session", "ls"])).unwrap();
+        ls.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["name"].as_str().unwrap().to_string(),
+                    r["clients"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(clients(&env), [("a".into(), 0), ("b".into(), 0)]);
+    let srv = env.serve();
+    // Clients that connect and stay until their stdin closes.
+    let hold = |export: &str| {
+        // nbdsh runs `python3 -m nbd`: Debian's python has the module.
+        let path = format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default());
+        let mut c = Command::new("nbdsh")
+            .env("PATH", path)
+            .args(["-u", &srv.unix(export), "-c"])
+            .arg("import sys; print('up', flush=True); sys.stdin.read()")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(c.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "up");
+        c
+    };
+    let held: Vec<Child> = vec![hold("a"), hold("a"), hold("b")];
+    assert_eq!(clients(&env), [("a".into(), 2), ("b".into(), 1)]);
+    let text = env.ok(&["session", "ls"]);
+    assert!(
+        text.contains("served, 2 clients") && text.contains("served, 1 client"),
+        "{text}"
+    );
+    for mut c in held {
+        drop(c.stdin.take());
+        assert!(c.wait().unwrap().success());
+    }
+    // The server notices the disconnects (asynchronously: poll, without a deadline
+    // tighter than the test runner's own).
+    while clients(&env) != [("a".to_string(), 0), ("b".to_string(), 0)] {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn session_commit_killed_at_random_moments_loses_nothing() {
+    let env = Env::new();
+    let base = make_base(&env);
+    // `expected` gets every write the session gets.
+    let expected = env.path("expected.raw");
+    std::fs::copy(&base, &expected).unwrap();
+    env.ok(&["session", "create", "s", "--from", "gold"]);
+    let mut rng = Rng(0xc0ff_ee11);
+    let mut versions = 1;
+    let mut full_commit_ms = 200;
+    for round in 0..16 {
+        let mut writes = Vec::new();
+        for _ in 0..16 {
+            let off = (rng.next() % (31 << 20)) & !4095;
+            writes.push(format!("write -P {} {off} 1M", rng.next() % 255 + 1));
+        }
+        let args = |target: &str, fmt: &str| -> Vec<String> {
+            let mut a = vec!["-f".to_string(), fmt.to_string()];
+            for w in &writes {
+                a.extend(["-c".to_string(), w.clone()]);
+            }
+            a.extend(["-c".to_string(), "flush".to_string(), target.to_string()]);
+            a
+        };
+        let srv = env.serve();
+        let a = args(&srv.unix("s"), "raw");
+        run("qemu-io", &a.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+        let a = args(p(&expected), "raw");
+        run("qemu-io", &a.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+        // Even rounds: the server commits (asked over its control socket) and is killed;
+        // odd rounds: `strata session commit` opens the session itself and is killed.
+        let mut srv = Some(srv);
+        if round % 2 == 1 {
+            drop(srv.take());
+        }
+        let started = std::time::Instant::now();
+        let mut commit = Command::new(env!("CARGO_BIN_EXE_strata"))
+            .arg("--store")
+            .arg(&env.store)
+            .args(["session", "commit", "s", "-m", &format!("round {round}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Spread the kill over the time a whole commit takes (measured on the last
+        // one that ran to the end).
+        // Round 0 is not killed: it measures.
+        if round > 0 {
+            let delay = rng.next() % (full_commit_ms + 1);
+            std::thread::sleep(std::time::Duration::from_millis(delay));
+            match srv.as_mut() {
+                Some(s) => s.child.kill().unwrap(),
+                None => {
+                    let _ = commit.kill();
+                }
+            }
+        }
+        let committed = commit.wait().unwrap().success();
+        if committed {
+            full_commit_ms = started.elapsed().as_millis() as u64;
+        }
+        drop(srv);
+        // Whatever happened, the branch holds the old tip or a complete new version,
+        // and the session reads exactly what was written to it.
+        let log: serde_json::Value =
+            serde_json::from_str(&env.ok(&["--json", "log", "gold"])).unwrap();
+        let n = log.as_array().unwrap().len();
+        assert!(
+            n == versions || n == versions + 1,
+            "round {round}: {n} versions"
+        );
+        if committed {
+            assert_eq!(
+                n,
+                versions + 1,
+                "round {round}: commit said yes, no version"
+            );
+        }
+        if n > versions {
+            let out = env.path("tip.raw");
+            env.ok(&["export", "gold", p(&out), "--force"]);
+            assert!(
+                identical(p(&out), "raw", p(&expected), "raw"),
+                "round {round}: tip"
+            );
+        }
+        eprintln!(
+            "round {round}: commit finished: {committed}, new version: {}",
+            n > versions
+        );
+        versions = n;
+        let srv = env.serve();
+        assert!(
+            identical(&srv.unix("s"), "raw", p(&expected), "raw"),
+            "round {round}: the session lost writes"
+        );
+    }
+    env.ok(&["session", "commit", "s", "-m", "final"]);
+    let out = env.path("final.raw");
+    env.ok(&["export", "gold", p(&out)]);
+    assert!(identical(p(&out), "raw", p(&expected), "raw"));
+    env.ok(&["gc"]);
     env.ok(&["verify"]);
 }

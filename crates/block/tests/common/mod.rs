@@ -50,11 +50,11 @@ impl Model {
         self.bytes[off..off + len].fill(0);
         for b in off / self.bs..(off + len).div_ceil(self.bs) {
             let r = self.block_range(b);
-            self.kinds[b] = if off <= r.start && r.end <= off + len {
-                Kind::Zero
-            } else {
-                Kind::Data
-            };
+            // Zeroing part of a block leaves its kind: data stays data, and a block
+            // that reads as zeros is left as it was.
+            if off <= r.start && r.end <= off + len {
+                self.kinds[b] = Kind::Zero;
+            }
         }
     }
 
