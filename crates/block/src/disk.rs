@@ -47,4 +47,19 @@ pub trait Disk: Send + Sync {
     /// Allocation map of `[offset, offset + len)`, in order, covering at least the
     /// first byte (it may stop early; the caller asks again for the rest).
     fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<DiskExtent>>;
+
+    /// [`read_at`](Self::read_at), but only if it can be done at once: from memory or
+    /// the page cache, without waiting for a device, a contended lock or decoding.
+    /// `None` means "not at once" (the contents of `buf` are then unspecified) and the
+    /// caller calls `read_at` from a thread that may block. Lets a server answer hot
+    /// reads on its event loop instead of handing each one to another thread.
+    fn try_read_at(&self, _buf: &mut [u8], _offset: u64) -> Option<io::Result<()>> {
+        None
+    }
+
+    /// [`extents`](Self::extents), but only if it can be answered at once (as
+    /// [`try_read_at`](Self::try_read_at)).
+    fn try_extents(&self, _offset: u64, _len: u64) -> Option<io::Result<Vec<DiskExtent>>> {
+        None
+    }
 }

@@ -11,11 +11,13 @@
 //!   reads a whole leaf's worth of blocks at a time so that sequential readers (export)
 //!   get batched, parallel chunk reads.
 //! * [`VersionDisk`]: the same version as a randomly addressable, read-only [`Disk`]
-//!   (what a server exports), with bounded caches of tree nodes and blocks.
+//!   (what a server exports), with a bounded cache of tree nodes and a local file of
+//!   decoded blocks ([`block_cache`]); [`VersionDisks`] shares one per version.
 //! * [`SessionDisk`]: a writable [`Disk`] — a base version plus a durable
 //!   copy-on-write delta in a local directory — that commits new versions while
 //!   clients keep writing. See [`session`].
 
+pub mod block_cache;
 pub mod disk;
 mod lru;
 pub mod session;
@@ -23,9 +25,10 @@ pub mod version_disk;
 
 use std::sync::Arc;
 
+pub use block_cache::{BlockCacheConfig, BlockCacheStats};
 pub use disk::{Disk, DiskExtent};
 pub use session::{CommitReport, SessionDisk, SessionInfo, SessionStats};
-pub use version_disk::VersionDisk;
+pub use version_disk::{VersionDisk, VersionDisks};
 
 use strata_store::tree::{self, Span};
 use strata_store::{ChunkId, Entry, Store, StoreError, Version, VersionId};

@@ -81,7 +81,8 @@ use strata_store::{
 
 use crate::disk::{Disk, DiskExtent};
 use crate::version_disk::{
-    block_runs_to_extents, check_range, copy_block, io_err, VersionDisk, MAX_EXTENT_BLOCKS,
+    block_runs_to_extents, check_range, copy_block, io_err, VersionDisk, VersionDisks,
+    MAX_EXTENT_BLOCKS,
 };
 
 /// Test support: kill the process at a numbered step of a commit, as a crash there
@@ -111,6 +112,9 @@ pub const STRIPES: usize = 1024;
 const META: &str = "session.json";
 const META_TMP: &str = "session.json.tmp";
 const DATA: &str = "data";
+/// The id of a version being committed, written before the branch moves and removed
+/// once the session has switched to it (see [`SessionDisk::adopt_interrupted_commit`]).
+const COMMIT_INTENT: &str = "commit-intent";
 const LOCK: &str = "lock";
 const JOURNAL_PREFIX: &str = "journal.";
 const SESSION_FORMAT: u32 = 1;
@@ -279,6 +283,9 @@ struct Journal {
 pub struct SessionDisk {
     dir: PathBuf,
     store: Arc<Store>,
+    /// Where the base (and every later base) comes from: shared with the other
+    /// sessions over the same version in this process, so they share its block cache.
+    bases: Arc<VersionDisks>,
     size: u64,
     bs: u32,
     blocks: u64,
@@ -587,21 +594,34 @@ impl SessionDisk {
         at(fsync_dir(dir), dir)?;
         // session.json last: its presence means "a complete session".
         at(write_meta(dir, &meta), dir)?;
-        SessionDisk::open_locked(dir, store, lock)
+        SessionDisk::open_locked(dir, &VersionDisks::new(store), lock)
     }
 
     /// Open the session in `dir` (after a restart or a crash: the delta is replayed
-    /// from its journal).
+    /// from its journal), with a base disk of its own.
     pub fn open(dir: &Path, store: Arc<Store>) -> Result<SessionDisk, StoreError> {
-        read_meta(dir)?;
-        let lock = lock_dir(dir, true)?.expect("exclusive locks wait or fail");
-        SessionDisk::open_locked(dir, store, lock)
+        SessionDisk::open_shared(dir, &VersionDisks::new(store))
     }
 
-    fn open_locked(dir: &Path, store: Arc<Store>, lock: File) -> Result<SessionDisk, StoreError> {
+    /// Open the session in `dir`, taking its base version's disk from `bases`, so
+    /// that every session over one version in a process shares one disk and one
+    /// block cache (a server should open all its sessions this way).
+    pub fn open_shared(dir: &Path, bases: &Arc<VersionDisks>) -> Result<SessionDisk, StoreError> {
+        read_meta(dir)?;
+        let lock = lock_dir(dir, true)?.expect("exclusive locks wait or fail");
+        SessionDisk::open_locked(dir, bases, lock)
+    }
+
+    fn open_locked(
+        dir: &Path,
+        bases: &Arc<VersionDisks>,
+        lock: File,
+    ) -> Result<SessionDisk, StoreError> {
+        let store = bases.store().clone();
         let meta = read_meta(dir)?;
         let base_id = meta.base_id(dir)?;
-        let version = store.load_version(&base_id)?;
+        let base = bases.get(base_id)?;
+        let version = base.version();
         if version.block_size != meta.block_size || version.virtual_size != meta.size {
             return Err(StoreError::Invalid(format!(
                 "{}: base version {} does not match the session's size or block size",
@@ -661,7 +681,7 @@ impl SessionDisk {
         }
         let free: Vec<u64> = (0..next_slot).rev().filter(|s| !used.contains(s)).collect();
         let blocks = meta.size.div_ceil(bs);
-        Ok(SessionDisk {
+        let disk = SessionDisk {
             dir: dir.to_path_buf(),
             size: meta.size,
             bs: meta.block_size,
@@ -669,7 +689,7 @@ impl SessionDisk {
             created: meta.created,
             data,
             state: RwLock::new(State {
-                base: Arc::new(VersionDisk::with_version(store.clone(), base_id, version)),
+                base,
                 map: replay.map,
                 data_blocks,
                 zero_blocks,
@@ -680,6 +700,7 @@ impl SessionDisk {
                 frozen: HashSet::new(),
             }),
             store,
+            bases: bases.clone(),
             stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
             journal: Mutex::new(Journal {
                 file: jfile,
@@ -693,7 +714,9 @@ impl SessionDisk {
             dirty: AtomicBool::new(false),
             broken: AtomicBool::new(false),
             _lock: lock,
-        })
+        };
+        disk.adopt_interrupted_commit()?;
+        Ok(disk)
     }
 
     pub fn dir(&self) -> &Path {
@@ -708,6 +731,12 @@ impl SessionDisk {
     /// The base version's record.
     pub fn base_version(&self) -> Version {
         rd(&self.state).base.version().clone()
+    }
+
+    /// The base version's disk (shared with other users of that version when the
+    /// session was opened with [`open_shared`](Self::open_shared)).
+    pub fn base_disk(&self) -> Arc<VersionDisk> {
+        rd(&self.state).base.clone()
     }
 
     pub fn stats(&self) -> SessionStats {
@@ -840,6 +869,20 @@ impl SessionDisk {
         Ok(())
     }
 
+    /// Whether block `b` is recorded as zero here, or untouched here and zero or
+    /// unwritten in the base.
+    fn reads_as_zero(&self, b: u64) -> io::Result<bool> {
+        let (rec, base) = {
+            let st = rd(&self.state);
+            (st.map.get(&b).copied(), st.base.clone())
+        };
+        Ok(match rec {
+            Some(Rec::Zero) => true,
+            Some(Rec::Data(_)) => false,
+            None => !matches!(base.entry(b).map_err(io_err)?, Entry::Present(_)),
+        })
+    }
+
     /// Record block `b` as zero.
     fn zero_block(&self, b: u64) {
         let _g = wr(self.stripe(b));
@@ -861,7 +904,9 @@ impl SessionDisk {
             let n = (self.block_len(b) - off).min((end - pos) as usize);
             if off == 0 && n == self.block_len(b) {
                 self.zero_block(b);
-            } else {
+            } else if !self.reads_as_zero(b)? {
+                // Zeroing part of a block that already reads as zeros changes nothing;
+                // writing it as data would turn a hole into an allocated block.
                 self.write_piece(b, off, &vec![0u8; n])?;
             }
             pos += n as u64;
@@ -994,16 +1039,14 @@ impl SessionDisk {
         let (vid, record, stats) = match built {
             Ok(v) => v,
             Err(e) => {
+                // Usually not published (a moved branch, a full disk). An intent left
+                // behind is checked against the catalog when the session next opens.
                 self.unfreeze(&frozen);
                 return Err(e);
             }
         };
         failpoint::hit(1);
-        let new_base = Arc::new(VersionDisk::with_version(
-            self.store.clone(),
-            vid,
-            record.clone(),
-        ));
+        let new_base = self.bases.get_with_version(vid, record.clone());
         // Switch: the new base first, so a block leaving the delta reads the same.
         let mut j = lk(&self.journal);
         wr(&self.state).base = new_base;
@@ -1026,6 +1069,9 @@ impl SessionDisk {
             self.broken.store(true, Ordering::Release);
             return Err(io_to_store(e, &self.dir));
         }
+        // Switched: the intent has served (a crash before this line finds the
+        // session already on the new base when it reopens, and just drops it).
+        let _ = fs::remove_file(self.dir.join(COMMIT_INTENT));
         Ok(CommitReport {
             version: vid,
             record,
@@ -1086,7 +1132,51 @@ impl SessionDisk {
         if target.parents.is_empty() {
             target.parents = vec![base.id()];
         }
-        ws.commit(draft, &target)
+        ws.commit_with(draft, &target, |vid| {
+            let path = self.dir.join(COMMIT_INTENT);
+            fs::write(&path, vid.to_hex())
+                .and_then(|_| File::open(&path)?.sync_all())
+                .and_then(|_| fsync_dir(&self.dir))
+                .map_err(|e| io_to_store(e, &self.dir))
+        })
+    }
+
+    /// After a crash between publishing a commit and switching to it, the branch
+    /// holds the new version while this session still stands on the old base with
+    /// its whole delta. That version is the old base plus the delta as it was when
+    /// the commit began, and every record written since is still in the delta, so
+    /// the new version with the whole delta over it reads exactly like the old base
+    /// with it: switch to it, keeping the delta (blocks it already holds just get
+    /// committed again, deduplicated).
+    fn adopt_interrupted_commit(&self) -> Result<(), StoreError> {
+        let path = self.dir.join(COMMIT_INTENT);
+        let Ok(text) = fs::read_to_string(&path) else {
+            return Ok(());
+        };
+        if let Some(vid) = VersionId::from_hex(text.trim()) {
+            let published = self
+                .store
+                .versions_with_prefix(&vid.to_hex())?
+                .contains(&vid);
+            if published && vid != self.base() {
+                let new_base = self.bases.get(vid)?;
+                let v = new_base.version();
+                if v.block_size != self.bs || v.virtual_size != self.size {
+                    return Err(StoreError::Invalid(format!(
+                        "{}: interrupted commit {} does not match the session's size",
+                        self.dir.display(),
+                        vid.short()
+                    )));
+                }
+                wr(&self.state).base = new_base;
+                let mut j = lk(&self.journal);
+                self.switch_generation(&mut j, Vec::new())
+                    .map_err(|e| io_to_store(e, &self.dir))?;
+            }
+        }
+        at(fs::remove_file(&path), &path)?;
+        at(fsync_dir(&self.dir), &self.dir)?;
+        Ok(())
     }
 }
 
@@ -1299,22 +1389,17 @@ impl Disk for SessionDisk {
             let delta: Vec<u64> = st.map.range(first..=last).map(|(b, _)| *b).collect();
             (delta, st.base.clone())
         };
-        // Blocks outside the delta: from the base, in one batch. (If one is written
-        // meanwhile, this read simply happened first.)
-        let mut outside = Vec::new();
-        let mut d = delta.iter().peekable();
-        for b in first..=last {
-            if d.peek() == Some(&&b) {
-                d.next();
-            } else {
-                outside.push(b);
+        // Runs of blocks outside the delta: from the base (its block cache), a run at
+        // a time. (If one is written meanwhile, this read simply happened first.)
+        let end = offset + buf.len() as u64;
+        let mut run = first;
+        for stop in delta.iter().copied().chain(std::iter::once(last + 1)) {
+            if stop > run {
+                let s = (run * bs).max(offset);
+                let t = (stop * bs).min(end);
+                base.read_at(&mut buf[(s - offset) as usize..(t - offset) as usize], s)?;
             }
-        }
-        if !outside.is_empty() {
-            let data = base.read_blocks(&outside).map_err(io_err)?;
-            for (b, d) in outside.into_iter().zip(data) {
-                copy_block(buf, offset, b, bs, d.as_deref().map(|v| v.as_slice()));
-            }
+            run = stop + 1;
         }
         for b in delta {
             // Under the block's lock, its slot cannot be freed and reused.
@@ -1333,8 +1418,9 @@ impl Disk for SessionDisk {
                 Some(Rec::Zero) => copy_block(buf, offset, b, bs, None),
                 // A commit moved it into the (new) base.
                 None => {
-                    let d = base.read_blocks(&[b]).map_err(io_err)?.pop().flatten();
-                    copy_block(buf, offset, b, bs, d.as_deref().map(|v| v.as_slice()));
+                    let s = (b * bs).max(offset);
+                    let t = ((b + 1) * bs).min(end);
+                    base.read_at(&mut buf[(s - offset) as usize..(t - offset) as usize], s)?;
                 }
             }
         }
@@ -1380,6 +1466,14 @@ impl Disk for SessionDisk {
         true
     }
 
+    /// Prefetch: the base decodes the range into its block cache (blocks the delta
+    /// holds are prefetched too, harmlessly).
+    fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
+        check_range(self.size, offset, len)?;
+        let base = rd(&self.state).base.clone();
+        base.cache(offset, len)
+    }
+
     fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<DiskExtent>> {
         check_range(self.size, offset, len)?;
         if len == 0 {
@@ -1411,5 +1505,95 @@ impl Disk for SessionDisk {
             offset,
             (offset + len).min(to * bs),
         ))
+    }
+
+    /// `read_at` as it reads when nothing has to wait: every lock free at once, the
+    /// delta's slots in the page cache, the base's blocks cached or zero.
+    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
+        if let Err(e) = check_range(self.size, offset, buf.len() as u64) {
+            return Some(Err(e));
+        }
+        if buf.is_empty() {
+            return Some(Ok(()));
+        }
+        let bs = self.bs as u64;
+        let end = offset + buf.len() as u64;
+        let (first, last) = (offset / bs, (end - 1) / bs);
+        let (delta, base) = {
+            let st = self.state.try_read().ok()?;
+            let delta: Vec<u64> = st.map.range(first..=last).map(|(b, _)| *b).collect();
+            (delta, st.base.clone())
+        };
+        let mut run = first;
+        for stop in delta.iter().copied().chain(std::iter::once(last + 1)) {
+            if stop > run {
+                let s = (run * bs).max(offset);
+                let t = (stop * bs).min(end);
+                if !base.read_now(&mut buf[(s - offset) as usize..(t - offset) as usize], s) {
+                    return None;
+                }
+            }
+            run = stop + 1;
+        }
+        for b in delta {
+            let _g = self.stripe(b).try_read().ok()?;
+            let (rec, base) = {
+                let st = self.state.try_read().ok()?;
+                (st.map.get(&b).copied(), st.base.clone())
+            };
+            let s = (b * bs).max(offset);
+            let t = ((b + 1) * bs).min(end);
+            let dst = &mut buf[(s - offset) as usize..(t - offset) as usize];
+            match rec {
+                Some(Rec::Data(slot)) => {
+                    let at = self.slot_offset(slot) + (s - b * bs);
+                    if !crate::block_cache::pread_nowait(&self.data, dst, at) {
+                        return None;
+                    }
+                }
+                Some(Rec::Zero) => dst.fill(0),
+                None => {
+                    if !base.read_now(dst, s) {
+                        return None;
+                    }
+                }
+            }
+        }
+        Some(Ok(()))
+    }
+
+    fn try_extents(&self, offset: u64, len: u64) -> Option<io::Result<Vec<DiskExtent>>> {
+        if let Err(e) = check_range(self.size, offset, len) {
+            return Some(Err(e));
+        }
+        if len == 0 {
+            return Some(Ok(Vec::new()));
+        }
+        let bs = self.bs as u64;
+        let from = offset / bs;
+        let to = (offset + len).div_ceil(bs).min(from + MAX_EXTENT_BLOCKS);
+        let (delta, base) = {
+            let st = self.state.try_read().ok()?;
+            let delta: Vec<(u64, Rec)> = st.map.range(from..to).map(|(b, r)| (*b, *r)).collect();
+            (delta, st.base.clone())
+        };
+        let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+        let mut cursor = from;
+        for (b, rec) in delta {
+            if b > cursor {
+                runs.extend(base.known_block_runs(cursor, b)?);
+            }
+            runs.push((b, 1, matches!(rec, Rec::Data(_))));
+            cursor = b + 1;
+        }
+        if cursor < to {
+            runs.extend(base.known_block_runs(cursor, to)?);
+        }
+        Some(Ok(block_runs_to_extents(
+            &runs,
+            bs,
+            offset,
+            (offset + len).min(to * bs),
+        )))
     }
 }

@@ -1,25 +1,41 @@
-//! [`VersionDisk`]: a committed version as a read-only, randomly addressable [`Disk`].
+//! [`VersionDisk`]: a committed version as a read-only, randomly addressable [`Disk`],
+//! and [`VersionDisks`], which hands every user of one version in a process the same
+//! `VersionDisk`.
 //!
-//! A read finds each block's entry by descending the version's tree from the root
-//! (nodes come from a bounded LRU cache, so a path is usually read once), fetches the
-//! data chunks it does not have cached in one parallel batch, and copies out the bytes
-//! asked for. Unwritten and zero blocks are not read at all.
+//! A read first asks the version's [`BlockCache`](crate::block_cache): a block read
+//! before is a `pread` from a local file the kernel keeps in its page cache, and a
+//! block known to be zero or unwritten is zeros without a lookup. Only the rest
+//! descends the version's tree (nodes come from a bounded LRU cache, so a path is
+//! usually read once), fetches the data chunks in one parallel batch (each decoded
+//! and checked against its id), writes them into the cache and copies out the bytes
+//! asked for. When the cache is off or full, decoded blocks go through a small LRU
+//! instead, as before the cache existed.
+//!
+//! Sharing matters because many sessions (one per VM) usually sit on one gold base:
+//! through [`VersionDisks`] they share one cache file, one tree-node cache and one
+//! set of bitmaps, so a block one VM read is a page-cache hit for all of them.
 
+use std::collections::HashMap;
 use std::io;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
-use strata_store::tree::{self, entry_span, Node, Span, FANOUT};
+use strata_store::tree::{entry_span, Node, FANOUT};
 use strata_store::{ChunkId, Entry, Store, StoreError, Version, VersionId};
 
+use crate::block_cache::{
+    BlockCache, BlockCacheConfig, BlockCacheStats, CACHED, PRESENT, UNKNOWN, ZERO,
+};
 use crate::disk::{Disk, DiskExtent};
 use crate::lru::Lru;
 
 /// Tree nodes kept decoded (a full leaf is about 8.5 KB; 1024 leaves map 256 Ki blocks).
 const NODE_CACHE_ENTRIES: usize = 1024;
-/// Bytes of decompressed blocks kept.
+/// Bytes of decompressed blocks kept when the block cache cannot take them.
 const BLOCK_CACHE_BYTES: usize = 16 << 20;
 /// Blocks one `extents` call looks at, at most (a client asks again for the rest).
 pub(crate) const MAX_EXTENT_BLOCKS: u64 = 1 << 16;
+/// Bytes one `cache` (prefetch) step reads.
+const PREFETCH_BYTES: u64 = 4 << 20;
 
 /// A committed version, read-only, with random access by byte offset.
 pub struct VersionDisk {
@@ -29,6 +45,72 @@ pub struct VersionDisk {
     root: Entry,
     nodes: Mutex<Lru<ChunkId, Arc<Node>>>,
     chunks: Mutex<Lru<ChunkId, Arc<Vec<u8>>>>,
+    cache: BlockCache,
+}
+
+/// Where block cache files live: `STORE/cache/` (they have no names; see
+/// [`block_cache`](crate::block_cache)).
+pub fn cache_dir(store: &Store) -> std::path::PathBuf {
+    store.root().join("cache")
+}
+
+/// The open [`VersionDisk`]s of one store in this process, one per version: every
+/// session over a base and every read-only export of it get the same disk, hence the
+/// same block cache. Holds them weakly: a version nobody uses any more is closed (and
+/// its cache file with it).
+pub struct VersionDisks {
+    store: Arc<Store>,
+    config: BlockCacheConfig,
+    open: Mutex<HashMap<VersionId, Weak<VersionDisk>>>,
+}
+
+impl VersionDisks {
+    pub fn new(store: Arc<Store>) -> Arc<VersionDisks> {
+        VersionDisks::with_config(store, BlockCacheConfig::default())
+    }
+
+    pub fn with_config(store: Arc<Store>, config: BlockCacheConfig) -> Arc<VersionDisks> {
+        Arc::new(VersionDisks {
+            store,
+            config,
+            open: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// The disk of version `id`, opened (its record loaded) if nobody has it open.
+    pub fn get(&self, id: VersionId) -> Result<Arc<VersionDisk>, StoreError> {
+        if let Some(d) = self.lookup(&id) {
+            return Ok(d);
+        }
+        let version = self.store.load_version(&id)?;
+        Ok(self.get_with_version(id, version))
+    }
+
+    /// The disk of version `id`, whose record the caller has loaded.
+    pub fn get_with_version(&self, id: VersionId, version: Version) -> Arc<VersionDisk> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(d) = open.get(&id).and_then(Weak::upgrade) {
+            return d;
+        }
+        open.retain(|_, w| w.strong_count() > 0);
+        let d = Arc::new(VersionDisk::with_config(
+            self.store.clone(),
+            id,
+            version,
+            &self.config,
+        ));
+        open.insert(id, Arc::downgrade(&d));
+        d
+    }
+
+    fn lookup(&self, id: &VersionId) -> Option<Arc<VersionDisk>> {
+        let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.get(id).and_then(Weak::upgrade)
+    }
 }
 
 /// Turn a store error into the `io::Error` a [`Disk`] reports, keeping its kind.
@@ -98,6 +180,8 @@ pub(crate) fn block_runs_to_extents(
 }
 
 impl VersionDisk {
+    /// A disk over version `id` with a block cache of its own. Users of one version
+    /// in one process should share a disk through [`VersionDisks`] instead.
     pub fn open(store: Arc<Store>, id: VersionId) -> Result<VersionDisk, StoreError> {
         let version = store.load_version(&id)?;
         Ok(VersionDisk::with_version(store, id, version))
@@ -105,7 +189,23 @@ impl VersionDisk {
 
     /// A disk over version `id` whose record the caller has already loaded.
     pub fn with_version(store: Arc<Store>, id: VersionId, version: Version) -> VersionDisk {
+        VersionDisk::with_config(store, id, version, &BlockCacheConfig::default())
+    }
+
+    /// A disk over version `id` whose block cache is set up by `config`.
+    pub fn with_config(
+        store: Arc<Store>,
+        id: VersionId,
+        version: Version,
+        config: &BlockCacheConfig,
+    ) -> VersionDisk {
         let root = version.tree().root;
+        let cache = BlockCache::new(
+            cache_dir(&store),
+            version.virtual_size,
+            version.block_size,
+            config,
+        );
         VersionDisk {
             store,
             id,
@@ -113,6 +213,7 @@ impl VersionDisk {
             root,
             nodes: Mutex::new(Lru::new(NODE_CACHE_ENTRIES)),
             chunks: Mutex::new(Lru::new(BLOCK_CACHE_BYTES)),
+            cache,
         }
     }
 
@@ -142,6 +243,11 @@ impl VersionDisk {
     /// The tree's root reference.
     pub fn root(&self) -> Entry {
         self.root
+    }
+
+    /// Counters of this version's block cache.
+    pub fn cache_stats(&self) -> BlockCacheStats {
+        self.cache.stats()
     }
 
     /// A tree node of this version, through the cache.
@@ -185,68 +291,361 @@ impl VersionDisk {
         Ok(r)
     }
 
-    /// The content of each of `blocks`: `None` for unwritten and zero blocks. Chunks
-    /// not cached are read in one parallel batch.
+    /// The content of each of `blocks`: `None` for unwritten and zero blocks, decoded
+    /// from the store through the in-memory LRU (not the block cache). Chunks not in
+    /// the LRU are read in one parallel batch.
     pub fn read_blocks(&self, blocks: &[u64]) -> Result<Vec<Option<Arc<Vec<u8>>>>, StoreError> {
-        let mut out: Vec<Option<Arc<Vec<u8>>>> = Vec::with_capacity(blocks.len());
-        let mut missing: Vec<(usize, ChunkId)> = Vec::new();
+        let mut out: Vec<Option<Arc<Vec<u8>>>> = vec![None; blocks.len()];
+        let mut present: Vec<(usize, ChunkId)> = Vec::new();
         for (i, &b) in blocks.iter().enumerate() {
-            match self.entry(b)? {
-                Entry::Present(id) => match self.chunks.lock().unwrap().get(&id) {
-                    Some(d) => out.push(Some(d)),
-                    None => {
-                        missing.push((i, id));
-                        out.push(None);
-                    }
-                },
-                _ => out.push(None),
+            if let Entry::Present(id) = self.entry(b)? {
+                present.push((i, id));
             }
         }
-        if !missing.is_empty() {
-            let ids: Vec<ChunkId> = missing.iter().map(|(_, id)| *id).collect();
-            let data = self.store.read_chunks(&ids)?;
-            let mut cache = self.chunks.lock().unwrap();
-            for ((i, id), d) in missing.into_iter().zip(data) {
-                let d = Arc::new(d);
-                cache.insert(id, d.clone(), d.len().max(1));
-                out[i] = Some(d);
-            }
+        let ids: Vec<ChunkId> = present.iter().map(|(_, id)| *id).collect();
+        for ((i, _), d) in present.iter().zip(self.decode_through_lru(&ids)?) {
+            out[*i] = Some(d);
         }
         Ok(out)
     }
 
+    /// Decode chunks through the in-memory LRU of decoded blocks.
+    fn decode_through_lru(&self, ids: &[ChunkId]) -> Result<Vec<Arc<Vec<u8>>>, StoreError> {
+        let mut out: Vec<Option<Arc<Vec<u8>>>> = Vec::with_capacity(ids.len());
+        let mut missing: Vec<(usize, ChunkId)> = Vec::new();
+        {
+            let mut lru = self.chunks.lock().unwrap();
+            for (i, id) in ids.iter().enumerate() {
+                let d = lru.get(id);
+                if d.is_none() {
+                    missing.push((i, *id));
+                }
+                out.push(d);
+            }
+        }
+        if !missing.is_empty() {
+            let want: Vec<ChunkId> = missing.iter().map(|(_, id)| *id).collect();
+            let data = self.store.read_chunks(&want)?;
+            self.cache.count_uncached(data.len() as u64);
+            let mut lru = self.chunks.lock().unwrap();
+            for ((i, id), d) in missing.into_iter().zip(data) {
+                let d = Arc::new(d);
+                lru.insert(id, d.clone(), d.len().max(1));
+                out[i] = Some(d);
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|d| d.expect("every chunk found"))
+            .collect())
+    }
+
     /// Block `b` as bytes (`block_len(b)` of them).
     pub fn read_block(&self, b: u64) -> Result<Vec<u8>, StoreError> {
-        let mut buf = vec![0u8; self.block_len(b)];
-        if let Some(d) = self.read_blocks(&[b])?.pop().flatten() {
-            let n = d.len().min(buf.len());
-            buf[..n].copy_from_slice(&d[..n]);
+        if b >= self.blocks() {
+            return Err(StoreError::Invalid(format!(
+                "block {b} is past the end of version {}",
+                self.id.short()
+            )));
         }
+        let mut buf = vec![0u8; self.block_len(b)];
+        self.read_into(&mut buf, b * self.version.block_size as u64)?;
         Ok(buf)
     }
 
     /// Runs `(start, count, data)` covering blocks `[from, to)` in order: `data` is
-    /// false for unwritten and zero blocks.
+    /// false for unwritten and zero blocks. Answered from the block cache's state map
+    /// when it knows every block; otherwise from the tree, teaching the map.
     pub fn block_runs(&self, from: u64, to: u64) -> Result<Vec<(u64, u64, bool)>, StoreError> {
+        let to = to.min(self.blocks());
+        if let Some(runs) = self.known_block_runs(from, to) {
+            return Ok(runs);
+        }
         let mut runs: Vec<(u64, u64, bool)> = Vec::new();
         let mut add = |start: u64, count: u64, data: bool| match runs.last_mut() {
             Some((s, c, d)) if *d == data && *s + *c == start => *c += count,
             _ => runs.push((start, count, data)),
         };
-        let t = self.version.tree();
-        let mut load = |id: &ChunkId| self.node(id).map(|n| (*n).clone());
-        tree::walk(&mut load, t.root, t.depth, from, to, &mut |span| {
-            match span {
-                Span::Uniform { start, count, .. } => add(start, count, false),
-                Span::Blocks { start, entries } => {
-                    for (i, e) in entries.iter().enumerate() {
-                        add(start + i as u64, 1, matches!(e, Entry::Present(_)));
+        self.walk_runs(
+            self.root,
+            self.version.depth as i32 - 1,
+            0,
+            from,
+            to,
+            &mut add,
+        )?;
+        Ok(runs)
+    }
+
+    /// [`block_runs`](Self::block_runs) from the block cache's state map alone:
+    /// `None` if it does not know every block of `[from, to)`.
+    pub fn known_block_runs(&self, from: u64, to: u64) -> Option<Vec<(u64, u64, bool)>> {
+        let to = to.min(self.blocks());
+        let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+        for b in from..to {
+            let data = match self.cache.state(b) {
+                UNKNOWN => return None,
+                ZERO => false,
+                _ => true,
+            };
+            match runs.last_mut() {
+                Some((_, c, d)) if *d == data => *c += 1,
+                _ => runs.push((b, 1, data)),
+            }
+        }
+        Some(runs)
+    }
+
+    /// Report the blocks of `[from, to)` under `r` (a reference to a level-`level`
+    /// node covering blocks from `base`) as runs, marking what each block is.
+    fn walk_runs(
+        &self,
+        r: Entry,
+        level: i32,
+        base: u64,
+        from: u64,
+        to: u64,
+        add: &mut impl FnMut(u64, u64, bool),
+    ) -> Result<(), StoreError> {
+        let cover = entry_span((level + 1) as u8);
+        let (lo, hi) = (base.max(from), base.saturating_add(cover).min(to));
+        if lo >= hi {
+            return Ok(());
+        }
+        let id = match r {
+            Entry::Present(id) => id,
+            _ => {
+                self.cache.mark_zero_run(lo, hi);
+                add(lo, hi - lo, false);
+                return Ok(());
+            }
+        };
+        let node = self.node(&id)?;
+        if node.level as i32 != level {
+            return Err(StoreError::Corrupt {
+                id,
+                reason: format!("tree node has level {}, expected {level}", node.level),
+            });
+        }
+        if level == 0 {
+            for b in lo..hi {
+                let e =
+                    node.entries
+                        .get((b - base) as usize)
+                        .ok_or_else(|| StoreError::Corrupt {
+                            id,
+                            reason: "tree node is shorter than the image".into(),
+                        })?;
+                let data = matches!(e, Entry::Present(_));
+                self.cache.mark(b, if data { PRESENT } else { ZERO });
+                add(b, 1, data);
+            }
+            return Ok(());
+        }
+        let span = entry_span(level as u8);
+        for (i, child) in node.entries.iter().enumerate() {
+            let cbase = base + i as u64 * span;
+            if cbase >= hi {
+                break;
+            }
+            if cbase + span <= lo {
+                continue;
+            }
+            self.walk_runs(*child, level - 1, cbase, from, to, add)?;
+        }
+        Ok(())
+    }
+
+    /// Fill `buf` with the disk's bytes from `offset` (the range lies inside the disk).
+    fn read_into(&self, buf: &mut [u8], offset: u64) -> Result<(), StoreError> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let bs = self.version.block_size as u64;
+        let end = offset + buf.len() as u64;
+        let (first, last) = (offset / bs, (end - 1) / bs);
+        // Cached and zero blocks at once, coalescing runs of cached blocks into one
+        // pread; the others need the tree.
+        let mut todo: Vec<u64> = Vec::new();
+        let mut b = first;
+        while b <= last {
+            match self.cache.state(b) {
+                CACHED => {
+                    let mut e = b + 1;
+                    while e <= last && self.cache.state(e) == CACHED {
+                        e += 1;
+                    }
+                    self.read_cached(buf, offset, b, e)?;
+                    b = e;
+                    continue;
+                }
+                ZERO => copy_block(buf, offset, b, bs, None),
+                _ => todo.push(b),
+            }
+            b += 1;
+        }
+        if !todo.is_empty() {
+            self.read_uncached(buf, offset, &todo)?;
+        }
+        Ok(())
+    }
+
+    /// [`read_into`](Self::read_into) if every block is cached (in the page cache too)
+    /// or zero: false otherwise, `buf` then unspecified.
+    pub(crate) fn read_now(&self, buf: &mut [u8], offset: u64) -> bool {
+        if buf.is_empty() {
+            return true;
+        }
+        let bs = self.version.block_size as u64;
+        let end = offset + buf.len() as u64;
+        let (first, last) = (offset / bs, (end - 1) / bs);
+        let mut b = first;
+        while b <= last {
+            match self.cache.state(b) {
+                CACHED => {
+                    let mut e = b + 1;
+                    while e <= last && self.cache.state(e) == CACHED {
+                        e += 1;
+                    }
+                    let s = (b * bs).max(offset);
+                    let t = (e * bs).min(end);
+                    let dst = &mut buf[(s - offset) as usize..(t - offset) as usize];
+                    if !self.cache.read_nowait(dst, s, e - b) {
+                        return false;
+                    }
+                    b = e;
+                    continue;
+                }
+                ZERO => copy_block(buf, offset, b, bs, None),
+                _ => return false,
+            }
+            b += 1;
+        }
+        true
+    }
+
+    /// Copy the part of cached blocks `[b, e)` that falls in `buf` (disk bytes from
+    /// `offset`) from the cache file.
+    fn read_cached(&self, buf: &mut [u8], offset: u64, b: u64, e: u64) -> Result<(), StoreError> {
+        let bs = self.version.block_size as u64;
+        let s = (b * bs).max(offset);
+        let t = (e * bs).min(offset + buf.len() as u64);
+        self.cache
+            .read(
+                &mut buf[(s - offset) as usize..(t - offset) as usize],
+                s,
+                e - b,
+            )
+            .map_err(|source| StoreError::Io {
+                path: cache_dir(&self.store),
+                source,
+            })
+    }
+
+    /// Read `blocks` (in order, none known to be cached or zero) into `buf`: look up
+    /// their entries, decode the data blocks nobody else is decoding in one batch and
+    /// cache them, then wait for the ones others are filling.
+    fn read_uncached(&self, buf: &mut [u8], offset: u64, blocks: &[u64]) -> Result<(), StoreError> {
+        let bs = self.version.block_size as u64;
+        let mut fetch: Vec<(u64, ChunkId)> = Vec::new();
+        let mut others: Vec<(u64, ChunkId)> = Vec::new();
+        let mut plain: Vec<(u64, ChunkId)> = Vec::new();
+        let mut claims = Claims {
+            cache: &self.cache,
+            blocks: Vec::new(),
+        };
+        for &b in blocks {
+            match self.entry(b)? {
+                Entry::Present(id) => {
+                    self.cache.mark(b, PRESENT);
+                    if !self.cache.filling() {
+                        plain.push((b, id));
+                    } else if self.cache.try_claim(b) {
+                        claims.blocks.push(b);
+                        // Filled between our look at its state and our claim?
+                        if self.cache.state(b) == CACHED {
+                            self.read_cached(buf, offset, b, b + 1)?;
+                        } else {
+                            fetch.push((b, id));
+                        }
+                    } else {
+                        others.push((b, id));
                     }
                 }
+                _ => {
+                    self.cache.mark(b, ZERO);
+                    copy_block(buf, offset, b, bs, None);
+                }
             }
-            Ok::<(), StoreError>(())
-        })?;
-        Ok(runs)
+        }
+        if !fetch.is_empty() {
+            let ids: Vec<ChunkId> = fetch.iter().map(|(_, id)| *id).collect();
+            // On error the claims are released (dropped) and nothing is cached.
+            let data = self.store.read_chunks(&ids)?;
+            for ((b, _), d) in fetch.iter().zip(&data) {
+                copy_block(buf, offset, *b, bs, Some(d));
+                if !self.cache.fill(*b, d) {
+                    self.cache.count_uncached(1);
+                }
+            }
+        }
+        drop(claims);
+        for (b, id) in others {
+            self.read_after_others(buf, offset, b, id)?;
+        }
+        if !plain.is_empty() {
+            let ids: Vec<ChunkId> = plain.iter().map(|(_, id)| *id).collect();
+            for ((b, _), d) in plain.iter().zip(self.decode_through_lru(&ids)?) {
+                copy_block(buf, offset, *b, bs, Some(&d));
+            }
+        }
+        Ok(())
+    }
+
+    /// Read block `b` (data chunk `id`) that another reader was filling: from the
+    /// cache once it is there, or decode it here if that fill failed.
+    fn read_after_others(
+        &self,
+        buf: &mut [u8],
+        offset: u64,
+        b: u64,
+        id: ChunkId,
+    ) -> Result<(), StoreError> {
+        let bs = self.version.block_size as u64;
+        loop {
+            if self.cache.state(b) == CACHED {
+                return self.read_cached(buf, offset, b, b + 1);
+            }
+            if self.cache.try_claim(b) {
+                let _claim = Claims {
+                    cache: &self.cache,
+                    blocks: vec![b],
+                };
+                if self.cache.state(b) == CACHED {
+                    return self.read_cached(buf, offset, b, b + 1);
+                }
+                let d = self.decode_through_lru(&[id])?.pop().expect("one chunk");
+                copy_block(buf, offset, b, bs, Some(&d));
+                self.cache.fill(b, &d);
+                return Ok(());
+            }
+            self.cache.wait(b);
+        }
+    }
+}
+
+/// Blocks this reader claimed for filling; released (and waiters woken) when dropped,
+/// whatever happened — an error or a panic must not leave other readers waiting.
+struct Claims<'a> {
+    cache: &'a BlockCache,
+    blocks: Vec<u64>,
+}
+
+impl Drop for Claims<'_> {
+    fn drop(&mut self) {
+        if !self.blocks.is_empty() {
+            self.cache.release(&self.blocks);
+        }
     }
 }
 
@@ -265,16 +664,7 @@ impl Disk for VersionDisk {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         check_range(self.size(), offset, buf.len() as u64)?;
-        if buf.is_empty() {
-            return Ok(());
-        }
-        let bs = self.version.block_size as u64;
-        let blocks: Vec<u64> = (offset / bs..=(offset + buf.len() as u64 - 1) / bs).collect();
-        let data = self.read_blocks(&blocks).map_err(io_err)?;
-        for (b, d) in blocks.into_iter().zip(data) {
-            copy_block(buf, offset, b, bs, d.as_deref().map(|v| v.as_slice()));
-        }
-        Ok(())
+        self.read_into(buf, offset).map_err(io_err)
     }
 
     fn write_at(&self, _data: &[u8], _offset: u64, _fua: bool) -> io::Result<()> {
@@ -290,6 +680,22 @@ impl Disk for VersionDisk {
     }
 
     fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// Prefetch: decode the range's data blocks into the block cache.
+    fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
+        check_range(self.size(), offset, len)?;
+        if !self.cache.filling() {
+            return Ok(());
+        }
+        let mut buf = vec![0u8; len.min(PREFETCH_BYTES) as usize];
+        let mut pos = offset;
+        while pos < offset + len {
+            let n = (offset + len - pos).min(PREFETCH_BYTES) as usize;
+            self.read_at(&mut buf[..n], pos)?;
+            pos += n as u64;
+        }
         Ok(())
     }
 
@@ -312,6 +718,32 @@ impl Disk for VersionDisk {
             offset,
             (offset + len).min(to * bs),
         ))
+    }
+
+    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
+        if let Err(e) = check_range(self.size(), offset, buf.len() as u64) {
+            return Some(Err(e));
+        }
+        self.read_now(buf, offset).then_some(Ok(()))
+    }
+
+    fn try_extents(&self, offset: u64, len: u64) -> Option<io::Result<Vec<DiskExtent>>> {
+        if let Err(e) = check_range(self.size(), offset, len) {
+            return Some(Err(e));
+        }
+        if len == 0 {
+            return Some(Ok(Vec::new()));
+        }
+        let bs = self.version.block_size as u64;
+        let from = offset / bs;
+        let to = (offset + len).div_ceil(bs).min(from + MAX_EXTENT_BLOCKS);
+        let runs = self.known_block_runs(from, to)?;
+        Some(Ok(block_runs_to_extents(
+            &runs,
+            bs,
+            offset,
+            (offset + len).min(to * bs),
+        )))
     }
 }
 

@@ -106,6 +106,12 @@ pub enum Command {
     /// Copy-on-write disk sessions over a version, served by `strata serve`.
     #[command(subcommand)]
     Session(SessionCommand),
+    /// Run a hub (the data centre's image service) and administer it.
+    #[command(subcommand)]
+    Hub(HubCommand),
+    /// This store as a point of a hub: enrol, pull, attach sessions, run the agent.
+    #[command(subcommand)]
+    Point(PointCommand),
     /// Make a store with a sample image, two versions, and show log, diff and stats.
     Quickstart {
         /// Directory for the demo store (default: a new temporary directory).
@@ -176,6 +182,139 @@ pub enum SessionCommand {
     Rm { name: String },
 }
 
+/// How an operator command reaches a running hub.
+#[derive(Args, Debug, Clone)]
+pub struct HubAccess {
+    /// The hub's directory: its admin.token, and its URL (hub.url, written by
+    /// `strata hub run`) unless --hub is given.
+    #[arg(long, value_name = "DIR", env = "STRATA_HUB_DIR")]
+    pub dir: Option<PathBuf>,
+    /// The hub's URL, e.g. https://hub.example:7443.
+    #[arg(long = "hub", value_name = "URL", env = "STRATA_HUB")]
+    pub url: Option<String>,
+    /// File holding the admin credential (default: DIR/admin.token).
+    #[arg(long, value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// PEM certificate(s) to trust for an https hub.
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum HubCommand {
+    /// Create a hub directory: DIR/store, DIR/hub.sqlite and DIR/admin.token (0600).
+    Init { dir: PathBuf },
+    /// Serve the hub in DIR until killed; prints its URL (with --json one JSON line).
+    Run {
+        dir: PathBuf,
+        /// Address to listen on (port 0: any free port).
+        #[arg(long, default_value = "127.0.0.1:7443", value_name = "HOST:PORT")]
+        listen: String,
+        /// TLS certificate chain (PEM); with --tls-key serves HTTPS.
+        #[arg(long, value_name = "FILE", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        #[arg(long, value_name = "FILE", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Allow plain HTTP on an address that is not loopback.
+        #[arg(long)]
+        insecure: bool,
+    },
+    /// Make a one-time enrolment token for a point called NAME.
+    Enroll {
+        name: String,
+        #[command(flatten)]
+        access: HubAccess,
+    },
+    /// Let POINT read IMAGE.
+    Grant {
+        point: String,
+        image: String,
+        #[command(flatten)]
+        access: HubAccess,
+    },
+    /// Withdraw POINT's grant of IMAGE; without IMAGE, revoke POINT's credential.
+    Revoke {
+        point: String,
+        image: Option<String>,
+        #[command(flatten)]
+        access: HubAccess,
+    },
+    /// List enrolled points.
+    Points {
+        #[command(flatten)]
+        access: HubAccess,
+    },
+    /// Show the audit log, newest first.
+    Audit {
+        #[arg(short = 'n', long, default_value_t = 100)]
+        limit: u32,
+        #[command(flatten)]
+        access: HubAccess,
+    },
+    /// Upload IMAGE[:BRANCH] from a local store to the hub (only what it lacks).
+    Push {
+        /// IMAGE or IMAGE:BRANCH.
+        target: String,
+        /// The store to read it from (default: --store / $STRATA_STORE).
+        #[arg(long, value_name = "PATH")]
+        from_store: Option<PathBuf>,
+        #[command(flatten)]
+        access: HubAccess,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PointCommand {
+    /// Make this store (created if needed) a point of the hub at HUB_URL.
+    Enroll {
+        hub_url: String,
+        /// The one-time token from `strata hub enroll`.
+        token: String,
+        /// PEM certificate(s) to trust for an https hub.
+        #[arg(long, value_name = "FILE")]
+        ca: Option<PathBuf>,
+        /// Bandwidth cap to the hub, bytes per second (e.g. 10M).
+        #[arg(long, value_parser = parse_size, value_name = "RATE")]
+        max_rate: Option<u64>,
+        /// How often the agent commits and pushes (e.g. 5m, 30s).
+        #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+        sync_interval: Option<std::time::Duration>,
+    },
+    /// Fetch IMAGE[@REV] from the hub in full, only the blocks not already here.
+    Pull {
+        spec: String,
+        /// Runs of the transfer after the link fails before giving up.
+        #[arg(long, default_value_t = 5)]
+        attempts: u32,
+    },
+    /// Start a session NAME over IMAGE@REV of the hub; its commits are this point's
+    /// image NAME, pushed to the hub.
+    Attach {
+        spec: String,
+        #[arg(long, value_name = "NAME")]
+        session: String,
+    },
+    /// The agent: serve sessions and versions over NBD, commit and push periodically.
+    Run {
+        /// TCP address to listen on (repeatable).
+        #[arg(long, value_name = "HOST:PORT")]
+        listen: Vec<String>,
+        /// Unix socket to listen on (repeatable).
+        #[arg(long, value_name = "PATH")]
+        socket: Vec<PathBuf>,
+        /// Directory with server-cert.pem and server-key.pem: offer TLS (STARTTLS).
+        #[arg(long, value_name = "DIR")]
+        tls_dir: Option<PathBuf>,
+        /// Override the enrolled sync interval (e.g. 5m, 1s).
+        #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+        sync_interval: Option<std::time::Duration>,
+    },
+    /// Commit and push now (through the running agent, or here if none runs).
+    Sync,
+    /// Hub, last sync, and per session: base, local tip, hub tip, pending versions.
+    Status,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum RefCommand {
     /// List them.
@@ -184,6 +323,11 @@ pub enum RefCommand {
     Add { spec: String, name: String },
     /// Delete NAME of IMAGE.
     Rm { image: String, name: String },
+}
+
+/// Parse "5m", "30s", "1h 30m".
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration (e.g. 30s, 5m): {e}"))
 }
 
 /// Parse "65536", "64K", "64k", "4M", "4MiB".

@@ -156,6 +156,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Session(c) => session(&ctx, c),
+        Command::Hub(c) => crate::hub_cmd::run(&ctx, c),
+        Command::Point(c) => crate::point_cmd::run(&ctx, c),
     }
 }
 
@@ -191,9 +193,13 @@ fn session(ctx: &Ctx, cmd: SessionCommand) -> Result<ExitCode> {
                     let (written, used) = match &r.delta {
                         Some(d) => (
                             bytes(d.data_blocks * d.block_size as u64),
-                            if d.in_use { "served" } else { "idle" },
+                            match (d.in_use, r.clients) {
+                                (false, _) => "idle".to_string(),
+                                (true, 1) => "served, 1 client".to_string(),
+                                (true, n) => format!("served, {n} clients"),
+                            },
                         ),
-                        None => ("?".into(), "delta missing"),
+                        None => ("?".into(), "delta missing".to_string()),
                     };
                     println!(
                         "{:<20} {}@{}  written {:>10}  {}",
@@ -245,7 +251,7 @@ fn session(ctx: &Ctx, cmd: SessionCommand) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn default_author() -> String {
+pub fn default_author() -> String {
     let user = std::env::var("USER")
         .or_else(|_| std::env::var("LOGNAME"))
         .unwrap_or_else(|_| "unknown".into());

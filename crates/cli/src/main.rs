@@ -8,8 +8,10 @@
 mod cli;
 mod commands;
 mod export;
+mod hub_cmd;
 mod import;
 mod output;
+mod point_cmd;
 mod quickstart;
 mod serve;
 mod session;

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use strata_block::{Disk, SessionDisk, VersionDisk};
+use strata_block::{Disk, SessionDisk, VersionDisk, VersionDisks};
 use strata_nbd::{Export, ExportInfo, ExportProvider, Listener, Server, ServerConfig};
 use strata_store::{Store, VersionId};
 
@@ -38,15 +38,50 @@ pub struct StoreExports {
     default: Option<String>,
     sessions: Mutex<HashMap<String, Arc<SessionDisk>>>,
     versions: Mutex<HashMap<VersionId, Arc<VersionDisk>>>,
+    /// One disk (and block cache) per version for the sessions' bases and the
+    /// read-only exports alike: VMs whose sessions share a gold base share its cache.
+    bases: Arc<VersionDisks>,
+    /// Connected clients per export name (sessions by name, versions as IMAGE@ID).
+    clients: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// One client's hold on an export, counted in [`StoreExports::clients`] while alive.
+struct ClientLease {
+    name: String,
+    clients: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl ClientLease {
+    fn new(name: &str, clients: &Arc<Mutex<HashMap<String, usize>>>) -> Arc<ClientLease> {
+        *clients.lock().unwrap().entry(name.to_string()).or_default() += 1;
+        Arc::new(ClientLease {
+            name: name.to_string(),
+            clients: clients.clone(),
+        })
+    }
+}
+
+impl Drop for ClientLease {
+    fn drop(&mut self) {
+        let mut clients = self.clients.lock().unwrap();
+        if let Some(n) = clients.get_mut(&self.name) {
+            *n -= 1;
+            if *n == 0 {
+                clients.remove(&self.name);
+            }
+        }
+    }
 }
 
 impl StoreExports {
     pub fn new(store: Arc<Store>, default: Option<String>) -> StoreExports {
         StoreExports {
+            bases: VersionDisks::new(store.clone()),
             store,
             default,
             sessions: Mutex::new(HashMap::new()),
             versions: Mutex::new(HashMap::new()),
+            clients: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -57,9 +92,9 @@ impl StoreExports {
             return Ok(s.clone());
         }
         let info = self.store.disk_session(name)?;
-        let disk = Arc::new(SessionDisk::open(
+        let disk = Arc::new(SessionDisk::open_shared(
             &session_dir(&self.store, name),
-            self.store.clone(),
+            &self.bases,
         )?);
         reconcile_base(&self.store, &info.name, &info.base, &disk)?;
         open.insert(name.to_string(), disk.clone());
@@ -73,7 +108,7 @@ impl StoreExports {
         let disk = match open.get(&id) {
             Some(d) => d.clone(),
             None => {
-                let d = Arc::new(VersionDisk::open(self.store.clone(), id)?);
+                let d = self.bases.get(id)?;
                 open.insert(id, d.clone());
                 d
             }
@@ -138,16 +173,19 @@ impl ExportProvider for StoreExports {
                 .map_err(|e| io::Error::other(format!("{e:#}")))?;
             let base = disk.base();
             return Ok(Export::new(disk as Arc<dyn Disk>)
-                .with_description(format!("session over version {}", base.short())));
+                .with_description(format!("session over version {}", base.short()))
+                .with_lease(ClientLease::new(name, &self.clients)));
         }
         let (id, disk) = self.version(name).map_err(not_found)?;
+        let canonical = format!(
+            "{}@{}",
+            rev_spec(name).map_err(not_found)?.image,
+            id.short()
+        );
         Ok(Export::new(disk as Arc<dyn Disk>)
-            .with_canonical_name(format!(
-                "{}@{}",
-                rev_spec(name).map_err(not_found)?.image,
-                id.short()
-            ))
-            .with_description(format!("read-only version {}", id.short())))
+            .with_description(format!("read-only version {}", id.short()))
+            .with_lease(ClientLease::new(&canonical, &self.clients))
+            .with_canonical_name(canonical))
     }
 }
 
@@ -164,6 +202,8 @@ pub enum Control {
     Reset {
         session: String,
     },
+    /// Connected clients per export.
+    Clients,
 }
 
 /// Run a control request against sessions held by `exports`.
@@ -183,6 +223,10 @@ pub fn handle_control(exports: &StoreExports, req: Control) -> Result<serde_json
         Control::Reset { session } => {
             exports.session(&session)?.reset()?;
             Ok(serde_json::json!({"session": session, "reset": true}))
+        }
+        Control::Clients => {
+            let clients = exports.clients.lock().unwrap().clone();
+            Ok(serde_json::json!({ "clients": clients }))
         }
     }
 }
@@ -243,6 +287,17 @@ pub fn serve(store: Arc<Store>, args: ServeArgs, json: bool) -> Result<()> {
         store.clone(),
         args.default_export.clone(),
     ));
+    serve_exports(store, exports, args, json)
+}
+
+/// [`serve`] over exports the caller made (`strata point run` shares them with its
+/// sync loop, which commits the sessions they hold open).
+pub fn serve_exports(
+    store: Arc<Store>,
+    exports: Arc<StoreExports>,
+    args: ServeArgs,
+    json: bool,
+) -> Result<()> {
     let control = control_path(&store);
     if StdUnixStream::connect(&control).is_ok() {
         bail!(

@@ -1,6 +1,14 @@
 //! The transmission phase: requests are read continuously, carried out concurrently on
 //! blocking threads, and answered as they complete.
 //!
+//! Hot reads skip the thread hop: a read the disk can answer at once (from memory or
+//! the page cache, see [`Disk::try_read_at`]) is answered by the connection's task
+//! itself. Handing a 4 KiB read to a blocking thread and its reply back costs two
+//! thread wake-ups — several times the read itself — and capped random reads at a
+//! quarter of what the same task does alone. Anything that would wait (a block to
+//! decode, a page to fetch from the device, a lock held by a writer) still goes to a
+//! blocking thread, so the event loop never stalls on I/O.
+//!
 //! Back-pressure: before a request's payload is read, the reader takes a permit for
 //! the request and for the bytes it will hold (its payload, or the data of its reply)
 //! from two per-connection semaphores; the permits travel with the reply and are
@@ -27,6 +35,14 @@ struct Outgoing {
     parts: Vec<Vec<u8>>,
     _permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
 }
+
+/// Largest read answered on the connection's task when the disk can answer it at
+/// once. Larger ones are copied on blocking threads: there the copies of a client's
+/// several big reads run in parallel (on 2 cores, 1 MiB sequential reads at queue
+/// depth 4 ran at 1,000-1,100 MB/s inline against 1,500-1,700 MB/s on threads, with
+/// the break-even near 128 KiB), and one client's big reads do not hold up the
+/// other connections served by the same worker.
+const INLINE_READ_MAX: u32 = 128 << 10;
 
 /// Bytes a block status reply may hold.
 const STATUS_COST: u32 = (MAX_STATUS_DESCRIPTORS * 8 + 64) as u32;
@@ -148,6 +164,22 @@ pub(crate) async fn transmit<S>(
 
         match verdict {
             Verdict::Execute => {
+                // A hot read is answered here, if the disk can do it at once.
+                let now = if req.command == Command::Read && req.length <= INLINE_READ_MAX {
+                    catch_unwind(AssertUnwindSafe(|| {
+                        read_reply(&*disk, &req, structured, true)
+                    }))
+                    .unwrap_or_else(|_| Some(error_reply(&req, structured, EIO, "internal error")))
+                } else {
+                    None
+                };
+                if let Some(parts) = now {
+                    let _ = tx.send(Outgoing {
+                        parts,
+                        _permits: permits,
+                    });
+                    continue;
+                }
                 let disk = disk.clone();
                 let tx = tx.clone();
                 tokio::task::spawn_blocking(move || {
@@ -258,13 +290,8 @@ fn status_reply(req: &Request, structured: bool, result: io::Result<()>) -> Vec<
 fn execute(disk: &dyn Disk, req: &Request, payload: Vec<u8>, structured: bool) -> Vec<Vec<u8>> {
     let (off, len, fua) = (req.offset, req.length as u64, req.fua());
     match req.command {
-        Command::Read if structured => structured_read(disk, req),
         Command::Read => {
-            let mut buf = vec![0u8; len as usize];
-            match disk.read_at(&mut buf, off) {
-                Ok(()) => vec![simple_reply(req.cookie, 0).to_vec(), buf],
-                Err(e) => vec![simple_reply(req.cookie, errno_of(&e)).to_vec()],
-            }
+            read_reply(disk, req, structured, false).expect("a blocking read always answers")
         }
         Command::Write => {
             let r = if payload.is_empty() {
@@ -311,10 +338,43 @@ fn execute(disk: &dyn Disk, req: &Request, payload: Vec<u8>, structured: bool) -
     }
 }
 
-/// The disk's extents over `[offset, offset + len)`, asking again where an answer
-/// stops early. Whatever cannot be learnt (an error, no progress) is left uncovered,
-/// and the read planner sends it as data.
-fn collect_extents(disk: &dyn Disk, offset: u64, len: u64) -> Vec<DiskExtent> {
+/// The reply to a read. With `now`, only if the disk can answer at once
+/// ([`Disk::try_read_at`], [`Disk::try_extents`]): `None` otherwise, nothing sent.
+/// Without, always `Some`.
+fn read_reply(disk: &dyn Disk, req: &Request, structured: bool, now: bool) -> Option<Vec<Vec<u8>>> {
+    let read = |buf: &mut [u8], off: u64| {
+        if now {
+            disk.try_read_at(buf, off)
+        } else {
+            Some(disk.read_at(buf, off))
+        }
+    };
+    if structured {
+        let extents = |off: u64, len: u64| {
+            if now {
+                disk.try_extents(off, len)
+            } else {
+                Some(disk.extents(off, len))
+            }
+        };
+        return structured_read(req, read, extents);
+    }
+    let mut buf = vec![0u8; req.length as usize];
+    Some(match read(&mut buf, req.offset)? {
+        Ok(()) => vec![simple_reply(req.cookie, 0).to_vec(), buf],
+        Err(e) => vec![simple_reply(req.cookie, errno_of(&e)).to_vec()],
+    })
+}
+
+/// The disk's extents over `[offset, offset + len)` as `extents` reports them, asking
+/// again where an answer stops early. Whatever cannot be learnt (an error, no
+/// progress) is left uncovered, and the read planner sends it as data. `None` if
+/// `extents` cannot answer at once.
+fn collect_extents(
+    extents: impl Fn(u64, u64) -> Option<io::Result<Vec<DiskExtent>>>,
+    offset: u64,
+    len: u64,
+) -> Option<Vec<DiskExtent>> {
     let end = offset + len;
     let mut pos = offset;
     let mut out = Vec::new();
@@ -322,7 +382,7 @@ fn collect_extents(disk: &dyn Disk, offset: u64, len: u64) -> Vec<DiskExtent> {
         if pos >= end {
             break;
         }
-        let got = match disk.extents(pos, end - pos) {
+        let got = match extents(pos, end - pos)? {
             Ok(e) => e,
             Err(_) => break,
         };
@@ -338,23 +398,27 @@ fn collect_extents(disk: &dyn Disk, offset: u64, len: u64) -> Vec<DiskExtent> {
             break;
         }
     }
-    out
+    Some(out)
 }
 
 /// A structured read: data chunks for what holds data, hole chunks for what reads as
 /// zeros, split by the disk's extents (one data chunk with `NBD_CMD_FLAG_DF`). Every
 /// byte is read before the first chunk is queued, so an error replaces the whole
-/// reply with one error chunk.
-fn structured_read(disk: &dyn Disk, req: &Request) -> Vec<Vec<u8>> {
+/// reply with one error chunk. `None` if `read` or `extents` cannot answer at once.
+fn structured_read(
+    req: &Request,
+    read: impl Fn(&mut [u8], u64) -> Option<io::Result<()>>,
+    extents: impl Fn(u64, u64) -> Option<io::Result<Vec<DiskExtent>>>,
+) -> Option<Vec<Vec<u8>>> {
     let df = req.has(CMD_FLAG_DF);
     let extents = if df || req.length == 0 {
         Vec::new()
     } else {
-        collect_extents(disk, req.offset, req.length as u64)
+        collect_extents(extents, req.offset, req.length as u64)?
     };
     let plan = plan_read(req.offset, req.length, &extents, df);
     if plan.is_empty() {
-        return vec![done_chunk(req.cookie).to_vec()];
+        return Some(vec![done_chunk(req.cookie).to_vec()]);
     }
     let last = plan.len() - 1;
     let mut parts = Vec::with_capacity(plan.len() * 2);
@@ -362,9 +426,9 @@ fn structured_read(disk: &dyn Disk, req: &Request) -> Vec<Vec<u8>> {
         match piece {
             ReadPiece::Data { offset, len } => {
                 let mut buf = vec![0u8; len as usize];
-                if let Err(e) = disk.read_at(&mut buf, offset) {
+                if let Err(e) = read(&mut buf, offset)? {
                     debug!("read at {offset} failed: {e}");
-                    return vec![error_chunk(req.cookie, errno_of(&e), &e.to_string())];
+                    return Some(vec![error_chunk(req.cookie, errno_of(&e), &e.to_string())]);
                 }
                 parts.push(data_chunk_header(req.cookie, i == last, offset, len));
                 parts.push(buf);
@@ -374,5 +438,5 @@ fn structured_read(disk: &dyn Disk, req: &Request) -> Vec<Vec<u8>> {
             }
         }
     }
-    parts
+    Some(parts)
 }

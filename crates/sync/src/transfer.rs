@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use strata_store::tree::{Node, FANOUT};
 use strata_store::{
     BranchUpdate, ChunkId, Entry, ObjectKind, RefKind, Store, StoreError, Version, VersionId,
@@ -95,7 +95,7 @@ pub struct PushOptions {
 }
 
 /// What a push or pull moved.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct TransferStats {
     /// The version transferred (hex).
     pub version: String,

@@ -1,0 +1,584 @@
+//! Hub and points with real processes on loopback: `strata hub run` as the hub,
+//! `strata point run` as the agent, and (where faults are needed) the
+//! `strata-netfault` proxy between point and hub. Contents are checked with
+//! qemu-img compare against exports of the hub's store; transfer sizes with the
+//! `--json` reports and the proxy's byte counters.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use strata_netfault::Proxy;
+
+const MIB: u64 = 1 << 20;
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_strata")
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+fn describe(args: &[&str], out: &Output) -> String {
+    format!(
+        "strata {args:?}: {}\n--- stdout\n{}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// `strata [--store STORE] ARGS`.
+fn strata(store: Option<&Path>, args: &[&str]) -> Output {
+    let mut c = Command::new(bin());
+    if let Some(s) = store {
+        c.arg("--store").arg(s);
+    }
+    c.args(args)
+        .env_remove("STRATA_STORE")
+        .env_remove("STRATA_HUB")
+        .env_remove("STRATA_HUB_DIR")
+        .env_remove("STRATA_LOG")
+        .output()
+        .unwrap()
+}
+
+fn ok(store: Option<&Path>, args: &[&str]) -> String {
+    let out = strata(store, args);
+    assert!(out.status.success(), "{}", describe(args, &out));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn json(store: Option<&Path>, args: &[&str]) -> Value {
+    let mut full = vec!["--json"];
+    full.extend_from_slice(args);
+    let s = ok(store, &full);
+    serde_json::from_str(&s).unwrap_or_else(|e| panic!("{full:?}: bad JSON ({e}): {s}"))
+}
+
+/// Run `strata ARGS`, expect a clean failure, return stderr.
+fn fails(store: Option<&Path>, args: &[&str]) -> String {
+    let out = strata(store, args);
+    assert!(
+        !out.status.success() && out.status.code() != Some(101),
+        "expected a clean failure: {}",
+        describe(args, &out)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn run(prog: &str, args: &[&str]) -> String {
+    let out = Command::new(prog).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{prog} {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn identical(a: &str, fa: &str, b: &str, fb: &str) -> bool {
+    let out = Command::new("qemu-img")
+        .args(["compare", "-f", fa, "-F", fb, a, b])
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+    }
+    out.status.success()
+}
+
+/// xorshift64*: deterministic incompressible bytes.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn fill(&mut self, buf: &mut [u8]) {
+        for c in buf.chunks_mut(8) {
+            let v = self.next().to_le_bytes();
+            c.copy_from_slice(&v[..c.len()]);
+        }
+    }
+}
+
+/// A raw image of `size` bytes: random data in `ranges` (offset, len), holes
+/// elsewhere.
+fn make_raw(path: &Path, size: u64, ranges: &[(u64, u64)], seed: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    let mut rng = Rng(seed | 1);
+    for &(off, len) in ranges {
+        let mut buf = vec![0u8; len as usize];
+        rng.fill(&mut buf);
+        f.write_all_at(&buf, off).unwrap();
+    }
+}
+
+/// A running `strata hub run`; killed (SIGKILL) when dropped.
+struct Hub {
+    child: Child,
+    port: u16,
+}
+
+impl Hub {
+    /// Start the hub in `dir` on `port` (0: any free port).
+    fn start(dir: &Path, port: u16) -> Hub {
+        let listen = format!("127.0.0.1:{port}");
+        let mut child = Command::new(bin())
+            .args(["--json", "hub", "run", p(dir), "--listen", &listen])
+            .env_remove("STRATA_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let v: Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("hub run printed {line:?}: {e}"));
+        let port = v["listen"]
+            .as_str()
+            .and_then(|a| a.rsplit(':').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap();
+        Hub { child, port }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn addr(&self) -> std::net::SocketAddr {
+        format!("127.0.0.1:{}", self.port).parse().unwrap()
+    }
+
+    fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running `strata point run` serving on a Unix socket; killed when dropped.
+struct Agent {
+    child: Child,
+    sock: PathBuf,
+}
+
+impl Agent {
+    fn start(store: &Path, sock: &Path) -> Agent {
+        let mut child = Command::new(bin())
+            .arg("--store")
+            .arg(store)
+            .args(["point", "run", "--sync-interval", "1s", "--socket", p(sock)])
+            .env_remove("STRATA_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.contains("serving"), "point run printed {line:?}");
+        Agent {
+            child,
+            sock: sock.to_path_buf(),
+        }
+    }
+
+    fn uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.sock.display())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A hub directory, a source store for the operator, and room for points.
+struct Env {
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Env {
+        let env = Env {
+            dir: tempfile::Builder::new()
+                .prefix("strata-hub-point-")
+                .tempdir()
+                .unwrap(),
+        };
+        ok(None, &["hub", "init", p(&env.hub_dir())]);
+        ok(None, &["init", p(&env.src())]);
+        env
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn hub_dir(&self) -> PathBuf {
+        self.path("hub")
+    }
+
+    fn hub_store(&self) -> PathBuf {
+        self.hub_dir().join("store")
+    }
+
+    fn src(&self) -> PathBuf {
+        self.path("src")
+    }
+
+    /// Import `file` into the operator's store and push it to the running hub.
+    fn publish(&self, file: &Path, image: &str) -> Value {
+        ok(Some(&self.src()), &["import", p(file), image]);
+        json(
+            None,
+            &[
+                "hub",
+                "push",
+                image,
+                "--from-store",
+                p(&self.src()),
+                "--dir",
+                p(&self.hub_dir()),
+            ],
+        )
+    }
+
+    /// Operator command against the running hub.
+    fn admin(&self, args: &[&str]) -> String {
+        let mut full: Vec<&str> = vec!["hub"];
+        full.extend_from_slice(args);
+        let d = self.hub_dir();
+        full.extend_from_slice(&["--dir", p(&d)]);
+        ok(None, &full)
+    }
+
+    /// Enrol a point called `name` whose store is `DIR/name`, talking to `url`.
+    fn point(&self, name: &str, url: &str) -> PathBuf {
+        let token = self.admin(&["enroll", name]);
+        let store = self.path(name);
+        ok(
+            Some(&store),
+            &[
+                "point",
+                "enroll",
+                url,
+                token.trim(),
+                "--sync-interval",
+                "1s",
+            ],
+        );
+        store
+    }
+
+    /// Export `spec` from the hub's own store to a raw file.
+    fn hub_export(&self, spec: &str, out: &str) -> PathBuf {
+        let f = self.path(out);
+        ok(Some(&self.hub_store()), &["export", spec, p(&f), "--force"]);
+        f
+    }
+}
+
+#[test]
+fn ungranted_image_is_403_and_revoked_point_is_401() {
+    let env = Env::new();
+    let hub = Hub::start(&env.hub_dir(), 0);
+    let img = env.path("gold.raw");
+    make_raw(&img, 8 * MIB, &[(0, 2 * MIB)], 1);
+    env.publish(&img, "gold");
+    let a = env.point("alpha", &hub.url());
+    let b = env.point("beta", &hub.url());
+    env.admin(&["grant", "alpha", "gold"]);
+
+    let r = json(Some(&a), &["point", "pull", "gold"]);
+    assert_eq!(r["image"], "gold");
+    let err = fails(Some(&b), &["point", "pull", "gold"]);
+    assert!(
+        err.contains("not allowed") && err.contains("may not read image \"gold\""),
+        "beta should get a clear 403: {err}"
+    );
+    // A wrong credential is a 401.
+    std::fs::write(b.join("point.credential"), "strata-point-forged\n").unwrap();
+    let err = fails(Some(&b), &["point", "pull", "gold"]);
+    assert!(err.contains("refused the credential"), "{err}");
+
+    // Withdrawing the grant gives 403; revoking the point 401.
+    env.admin(&["revoke", "alpha", "gold"]);
+    let err = fails(Some(&a), &["point", "pull", "gold"]);
+    assert!(err.contains("not allowed"), "{err}");
+    env.admin(&["grant", "alpha", "gold"]);
+    json(Some(&a), &["point", "pull", "gold"]);
+    env.admin(&["revoke", "alpha"]);
+    let err = fails(Some(&a), &["point", "pull", "gold"]);
+    assert!(err.contains("refused the credential"), "{err}");
+
+    let points: Value = serde_json::from_str(&ok(
+        None,
+        &["--json", "hub", "points", "--dir", p(&env.hub_dir())],
+    ))
+    .unwrap();
+    let alpha = points
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "alpha")
+        .unwrap();
+    assert_eq!(alpha["revoked"], true);
+    let audit = env.admin(&["audit"]);
+    assert!(
+        audit.contains("grant") && audit.contains("revoke"),
+        "{audit}"
+    );
+}
+
+#[test]
+fn attached_session_serves_the_hubs_version() {
+    let env = Env::new();
+    let hub = Hub::start(&env.hub_dir(), 0);
+    let img = env.path("gold.raw");
+    make_raw(
+        &img,
+        32 * MIB,
+        &[(0, 3 * MIB), (9 * MIB, MIB + 4096), (31 * MIB, MIB)],
+        2,
+    );
+    env.publish(&img, "gold");
+    let pt = env.point("laptop", &hub.url());
+    env.admin(&["grant", "laptop", "gold"]);
+    let r = json(
+        Some(&pt),
+        &["point", "attach", "gold@main", "--session", "vm1"],
+    );
+    assert_eq!(r["session"], "vm1");
+    let agent = Agent::start(&pt, &env.path("nbd.sock"));
+    let hub_copy = env.hub_export("gold@main", "hub-gold.raw");
+    assert!(identical(&agent.uri("vm1"), "raw", p(&hub_copy), "raw"));
+    // The read-only version is served too.
+    assert!(identical(&agent.uri("gold@main"), "raw", p(&img), "raw"));
+    let st = json(Some(&pt), &["point", "status"]);
+    assert_eq!(st["sessions"][0]["session"], "vm1");
+    assert_eq!(
+        st["sessions"][0]["origin_version"], r["base"],
+        "status: {st}"
+    );
+}
+
+#[test]
+fn offline_after_prefetch_then_sync_makes_the_hub_equal() {
+    let env = Env::new();
+    let hub = Hub::start(&env.hub_dir(), 0);
+    let port = hub.port;
+    let proxy = Proxy::start(hub.addr()).unwrap();
+    let img = env.path("gold.raw");
+    make_raw(&img, 48 * MIB, &[(0, 16 * MIB), (40 * MIB, 8 * MIB)], 3);
+    env.publish(&img, "gold");
+    let pt = env.point("laptop", &format!("http://{}", proxy.addr()));
+    env.admin(&["grant", "laptop", "gold"]);
+    json(
+        Some(&pt),
+        &["point", "attach", "gold@main", "--session", "vm1"],
+    );
+    let agent = Agent::start(&pt, &env.path("nbd.sock"));
+    // The first rounds push vm1 (the hub already holds its blocks).
+    ok(Some(&pt), &["point", "sync"]);
+
+    hub.kill9();
+    // A reference copy gets the same writes as the session.
+    let reference = env.path("reference.raw");
+    std::fs::copy(&img, &reference).unwrap();
+    let rnd = env.path("rnd.bin");
+    make_raw(&rnd, 3 * MIB, &[(0, 3 * MIB)], 4);
+    let writes = [
+        "write -P 0x3c 30M 1M".to_string(),
+        format!("write -s {} 8M 3M", rnd.display()),
+        "write -z 1M 512k".to_string(),
+    ];
+    for w in &writes {
+        run("qemu-io", &["-f", "raw", "-c", w, p(&reference)]);
+    }
+    let uri = agent.uri("vm1");
+    for w in &writes {
+        run("qemu-io", &["-f", "raw", "-c", w, &uri]);
+        // Reads while the hub is away: written data, and gold data from the cache.
+        run(
+            "qemu-io",
+            &[
+                "-f",
+                "raw",
+                "-c",
+                "read -P 0x3c 30M 1M",
+                "-c",
+                "read 0 16M",
+                "-c",
+                "read 40M 8M",
+                &uri,
+            ],
+        );
+        // Let the agent commit (and fail to push) in between.
+        std::thread::sleep(Duration::from_millis(1200));
+    }
+    assert!(identical(&uri, "raw", p(&reference), "raw"));
+    let st = json(Some(&pt), &["point", "status"]);
+    assert_eq!(st["hub_reachable"], false, "{st}");
+    assert!(
+        st["sessions"][0]["pending_versions"].as_u64().unwrap() >= 1,
+        "commits are local while the hub is away: {st}"
+    );
+    assert!(st["last_error"].is_string(), "{st}");
+
+    // Back: the hub on the same port; the next sync sends what was written.
+    let hub = Hub::start(&env.hub_dir(), port);
+    let up0 = proxy.bytes_to_upstream();
+    let r = json(Some(&pt), &["point", "sync"]);
+    assert_eq!(r["ok"], true, "{r}");
+    let sent = proxy.bytes_to_upstream() - up0;
+    let tip = json(Some(&pt), &["point", "status"]);
+    let s = &tip["sessions"][0];
+    assert_eq!(s["pending_versions"], 0, "{tip}");
+    assert_eq!(s["hub_tip"], s["local_tip"], "{tip}");
+    let hub_copy = env.hub_export("vm1@main", "hub-vm1.raw");
+    assert!(identical(p(&hub_copy), "raw", p(&reference), "raw"));
+    assert!(identical(&uri, "raw", p(&hub_copy), "raw"));
+    // 3 MiB of random data (the 1 MiB pattern and the zeros compress to nothing),
+    // not the 24 MiB of the image's data.
+    eprintln!("pushed after the outage: {sent} bytes through the proxy");
+    assert!(sent >= 3 * MIB, "{sent}");
+    assert!(sent < 3 * MIB + 512 * 1024, "{sent}");
+    drop(hub);
+}
+
+#[test]
+fn cut_links_during_a_pull_resend_only_what_was_in_flight() {
+    let env = Env::new();
+    let hub = Hub::start(&env.hub_dir(), 0);
+    let img = env.path("big.raw");
+    let size = 80 * MIB;
+    make_raw(&img, size, &[(0, size)], 5);
+    env.publish(&img, "big");
+    // A baseline over a clean link.
+    let clean = env.point("clean", &hub.url());
+    env.admin(&["grant", "clean", "big"]);
+    let base = json(Some(&clean), &["point", "pull", "big"]);
+    let baseline = base["wire_received"].as_u64().unwrap();
+
+    let proxy = Proxy::start(hub.addr()).unwrap();
+    // About 2.5 s for the whole pull, so the cuts land in the middle of it.
+    proxy.set_rate(32 * MIB);
+    let pt = env.point("flaky", &format!("http://{}", proxy.addr()));
+    env.admin(&["grant", "flaky", "big"]);
+    let mut child = Command::new(bin())
+        .arg("--store")
+        .arg(&pt)
+        .args(["--json", "point", "pull", "big", "--attempts", "10"])
+        .env_remove("STRATA_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("cut seed {seed}");
+    let mut rng = Rng(seed | 1);
+    let mut cuts = 0u64;
+    let t0 = Instant::now();
+    while cuts < 4 && child.try_wait().unwrap().is_none() {
+        std::thread::sleep(Duration::from_millis(150 + rng.next() % 450));
+        if child.try_wait().unwrap().is_none() {
+            proxy.cut();
+            cuts += 1;
+        }
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "pull after {cuts} cuts: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let got = r["wire_received"].as_u64().unwrap();
+    eprintln!(
+        "{cuts} cuts in {:?}: {got} bytes received vs {baseline} on a clean link; attempts {}, retries {}",
+        t0.elapsed(),
+        r["attempts"],
+        r["retries"]
+    );
+    assert!(cuts >= 2, "the pull ended before the link could be cut");
+    // At most what was in flight when each cut came: 4 streams of 8 MiB batches.
+    let window = 4 * 8 * MIB;
+    assert!(
+        got <= baseline + cuts * window,
+        "resent {} bytes over {cuts} cuts",
+        got - baseline
+    );
+    let copy = env.path("pulled.raw");
+    ok(Some(&pt), &["export", "big@main", p(&copy)]);
+    assert!(identical(p(&copy), "raw", p(&img), "raw"));
+    let v = ok(Some(&pt), &["verify"]);
+    assert!(!v.contains("damaged"), "{v}");
+}
+
+#[test]
+fn pulling_a_new_version_sends_only_the_changed_blocks() {
+    let env = Env::new();
+    let hub = Hub::start(&env.hub_dir(), 0);
+    let img = env.path("gold.raw");
+    make_raw(&img, 32 * MIB, &[(0, 32 * MIB)], 6);
+    env.publish(&img, "gold");
+    let pt = env.point("laptop", &hub.url());
+    env.admin(&["grant", "laptop", "gold"]);
+    let v1 = json(Some(&pt), &["point", "pull", "gold"]);
+    assert!(v1["wire_received"].as_u64().unwrap() >= 32 * MIB);
+
+    // v2: 1 MiB of new random data (16 blocks of 64 KiB) at two places.
+    let (r1, r2) = (env.path("rnd1.bin"), env.path("rnd2.bin"));
+    make_raw(&r1, MIB / 2, &[(0, MIB / 2)], 70);
+    make_raw(&r2, MIB / 2, &[(0, MIB / 2)], 80);
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            &format!("write -s {} 4M 512k", r1.display()),
+            "-c",
+            &format!("write -s {} 20M 512k", r2.display()),
+            p(&img),
+        ],
+    );
+    env.publish(&img, "gold");
+    let v2 = json(Some(&pt), &["point", "pull", "gold"]);
+    let wire = v2["wire_received"].as_u64().unwrap();
+    eprintln!("v1 -> v2: {wire} bytes on the wire for 1 MiB of changed blocks");
+    assert_eq!(v2["transfer"]["data_objects"], 16, "{v2}");
+    assert!(wire >= MIB, "{wire}");
+    assert!(wire < MIB + 128 * 1024, "{wire}");
+    let copy = env.path("v2.raw");
+    ok(Some(&pt), &["export", "gold@main", p(&copy)]);
+    assert!(identical(p(&copy), "raw", p(&img), "raw"));
+}

@@ -1,0 +1,153 @@
+//! `strata serve`'s block cache with real clients: sessions over one base and the
+//! base's read-only export share one cache file; each session still reads its own
+//! writes only; the cache leaves nothing in the store for gc or verify.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+fn run(prog: &str, args: &[&str]) -> String {
+    let out = Command::new(prog).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{prog} {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn strata(store: &Path, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .arg("--store")
+        .arg(store)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "strata {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn identical(a: &str, fa: &str, b: &str, fb: &str) -> bool {
+    Command::new("qemu-img")
+        .args(["compare", "-q", "-f", fa, "-F", fb, a, b])
+        .status()
+        .unwrap()
+        .success()
+}
+
+struct Serve(Child);
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Descriptors the process holds on files under `dir`.
+fn open_files_under(pid: u32, dir: &Path) -> Vec<String> {
+    let prefix = format!("{}/", dir.display());
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .map(|l| l.to_string_lossy().into_owned())
+        .filter(|l| l.starts_with(&prefix))
+        .collect()
+}
+
+#[test]
+fn sessions_and_exports_of_one_version_share_one_cache_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    strata(&store, &["init"]);
+    let base = tmp.path().join("base.raw");
+    run("qemu-img", &["create", "-q", "-f", "raw", p(&base), "24M"]);
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x5a 0 3M",
+            "-c",
+            "write -P 0xa5 7M 2M",
+            "-c",
+            "write -z 12M 1M",
+            "-c",
+            "write -P 0x11 20M 4M",
+            p(&base),
+        ],
+    );
+    strata(&store, &["import", p(&base), "gold", "-m", "base"]);
+    for vm in ["vm1", "vm2"] {
+        strata(&store, &["session", "create", vm, "--from", "gold"]);
+    }
+
+    let sock: PathBuf = tmp.path().join("nbd.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .arg("--store")
+        .arg(&store)
+        .args(["serve", "--socket"])
+        .arg(&sock)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("serving"), "{line:?}");
+    let server = Serve(child);
+    let uri = |export: &str| format!("nbd+unix:///{export}?socket={}", sock.display());
+    let cache = store.join("cache");
+
+    // Both sessions and the read-only version read as the base...
+    for export in ["vm1", "vm2", "gold@main"] {
+        assert!(identical(&uri(export), "raw", p(&base), "raw"), "{export}");
+    }
+    // ...through one cache file, which has no name.
+    let files = open_files_under(server.0.id(), &cache);
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(files[0].ends_with("(deleted)"), "{files:?}");
+    assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 0);
+
+    // A write to one session (into a cached block, partly) is that session's alone.
+    let expected = tmp.path().join("expected.raw");
+    std::fs::copy(&base, &expected).unwrap();
+    for target in [uri("vm1"), p(&expected).to_string()] {
+        run(
+            "qemu-io",
+            &[
+                "-f",
+                "raw",
+                "-c",
+                "write -P 0x77 1000 5000",
+                "-c",
+                "write -P 0x78 20M 64k",
+                "-c",
+                "flush",
+                &target,
+            ],
+        );
+    }
+    assert!(identical(&uri("vm1"), "raw", p(&expected), "raw"));
+    assert!(identical(&uri("vm2"), "raw", p(&base), "raw"));
+    assert!(identical(&uri("gold@main"), "raw", p(&base), "raw"));
+
+    // Stopped, the server leaves no cache behind; the store checks clean.
+    drop(server);
+    assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 0);
+    strata(&store, &["verify"]);
+    strata(&store, &["gc"]);
+    strata(&store, &["verify"]);
+}

@@ -1,0 +1,481 @@
+//! [`Point`]: pulls, base fetches for new sessions, sync rounds and status.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use strata_store::{RefKind, Store, StoreError, VersionId};
+use strata_sync::{Expect, HubClient, PullOptions, PushOptions, SyncError, TransferStats};
+
+use crate::config::{client_config, PointConfig, CREDENTIAL_FILE};
+use crate::state::{PointState, SessionState};
+use crate::{io_err, now, PointError, Result};
+
+/// Commits the point's sessions; the command implements it over its open sessions
+/// (through the NBD server's disks when the agent runs, else by opening them).
+pub trait SessionCommitter: Send + Sync {
+    /// Commit session `name` if it holds writes that are not in a version yet.
+    /// Returns the new version's id (hex), or `None` when there was nothing to commit.
+    fn commit_if_dirty(&self, name: &str) -> std::result::Result<Option<String>, String>;
+}
+
+/// What `point pull` (or the base fetch of `point attach`) moved.
+#[derive(Clone, Debug, Serialize)]
+pub struct PullReport {
+    pub image: String,
+    pub rev: String,
+    /// The version now complete in the local store (hex) and the local branch moved.
+    pub version: String,
+    pub branch: String,
+    /// Objects the last (successful) attempt fetched; earlier attempts' objects that
+    /// arrived whole were kept and are not fetched again.
+    pub objects: u64,
+    pub logical_bytes: u64,
+    /// Body bytes on the wire over all attempts, both directions.
+    pub wire_sent: u64,
+    pub wire_received: u64,
+    /// Runs of the transfer (1 without failures) and requests retried within them.
+    pub attempts: u32,
+    pub retries: u64,
+    pub seconds: f64,
+    /// The last attempt's details.
+    pub transfer: TransferStats,
+}
+
+/// One session's part of a sync round.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SessionSync {
+    pub session: String,
+    pub image: String,
+    pub branch: String,
+    /// The version this round committed (hex), if the session had new writes.
+    pub committed: Option<String>,
+    /// What the push sent, if the hub lacked the local tip.
+    pub pushed: Option<TransferStats>,
+    /// The hub's tip after this round (hex), if it was reached.
+    pub hub_tip: Option<String>,
+    pub error: Option<String>,
+    /// The error is worth retrying (the hub or the link failed).
+    #[serde(skip)]
+    pub transient: bool,
+}
+
+/// A sync round.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SyncReport {
+    pub time: i64,
+    pub ok: bool,
+    pub sessions: Vec<SessionSync>,
+    /// Bytes on the wire for the whole round.
+    pub wire_sent: u64,
+    pub wire_received: u64,
+    pub seconds: f64,
+}
+
+impl SyncReport {
+    /// Every failure in the round was the hub's or the link's (retry soon).
+    pub fn only_transient_failures(&self) -> bool {
+        self.sessions
+            .iter()
+            .all(|s| s.error.is_none() || s.transient)
+    }
+}
+
+/// `point status` for one session.
+#[derive(Clone, Debug, Serialize)]
+pub struct SessionStatus {
+    pub session: String,
+    pub image: String,
+    pub branch: String,
+    pub origin: String,
+    pub origin_version: String,
+    /// The session's current base (its last commit) and the local branch tip.
+    pub base: Option<String>,
+    pub local_tip: Option<String>,
+    /// The hub's tip: asked of the hub when reachable, else as of the last push.
+    pub hub_tip: Option<String>,
+    pub hub_tip_from: &'static str,
+    /// Local versions on the branch the hub does not have yet.
+    pub pending_versions: u64,
+    /// Blocks written to the session since its last commit (as of its last flush).
+    pub uncommitted_blocks: Option<u64>,
+    pub last_push: Option<TransferStats>,
+    pub last_push_time: Option<i64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    pub point: String,
+    pub hub: String,
+    pub hub_reachable: bool,
+    pub hub_error: Option<String>,
+    pub sync_interval_secs: u64,
+    pub max_rate: Option<u64>,
+    pub last_sync: Option<i64>,
+    pub last_attempt: Option<i64>,
+    pub last_error: Option<String>,
+    pub sessions: Vec<SessionStatus>,
+}
+
+/// Run blocking store work from async code (see `strata_sync::transfer`).
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
+/// An enrolled point over its local store.
+pub struct Point {
+    store: Arc<Store>,
+    root: PathBuf,
+    config: PointConfig,
+    client: HubClient,
+    /// One sync round at a time (the agent's loop and `point sync` requests).
+    sync_lock: tokio::sync::Mutex<()>,
+    /// Serialises read-modify-write of the state file within this process.
+    state_lock: std::sync::Mutex<()>,
+}
+
+impl Point {
+    /// The point whose cache is `store` (which must have been enrolled).
+    pub fn open(store: Arc<Store>) -> Result<Point> {
+        let root = store.root().to_path_buf();
+        let config = PointConfig::load(&root)?;
+        let client = config.client(&root)?;
+        Ok(Point {
+            store,
+            root,
+            config,
+            client,
+            sync_lock: tokio::sync::Mutex::new(()),
+            state_lock: std::sync::Mutex::new(()),
+        })
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn config(&self) -> &PointConfig {
+        &self.config
+    }
+
+    pub fn client(&self) -> &HubClient {
+        &self.client
+    }
+
+    /// Where a running agent listens for `point sync`.
+    pub fn control_path(&self) -> PathBuf {
+        self.root.join("point.sock")
+    }
+
+    pub fn state(&self) -> Result<PointState> {
+        PointState::load(&self.root)
+    }
+
+    fn update_state(&self, f: impl FnOnce(&mut PointState)) -> Result<()> {
+        let _g = self.state_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = PointState::load(&self.root)?;
+        f(&mut st);
+        st.save(&self.root)
+    }
+
+    /// Fetch version `rev` of `image` completely (only the objects the local store
+    /// lacks) and move the local branch (see [`strata_sync::pull`]). A run cut by the
+    /// link is run again, up to `attempts` runs in all, each resuming where the
+    /// last stopped.
+    pub async fn pull(&self, image: &str, rev: &str, attempts: u32) -> Result<PullReport> {
+        let t0 = Instant::now();
+        let wire0 = self.client.wire();
+        let mut attempt = 0u32;
+        let stats = loop {
+            attempt += 1;
+            match strata_sync::pull(
+                &self.store,
+                &self.client,
+                image,
+                rev,
+                &PullOptions::default(),
+            )
+            .await
+            {
+                Ok(s) => break s,
+                Err(e) if e.is_transient() && attempt < attempts.max(1) => {
+                    let wait = Duration::from_millis(500u64 << attempt.min(4));
+                    tracing::warn!(error = %e, attempt, "pull interrupted; resuming in {wait:?}");
+                    tokio::time::sleep(wait).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let wire = self.client.wire();
+        Ok(PullReport {
+            image: image.to_string(),
+            rev: rev.to_string(),
+            version: stats.version.clone(),
+            branch: stats.branch.clone(),
+            objects: stats.objects(),
+            logical_bytes: stats.logical_bytes,
+            wire_sent: wire.sent - wire0.sent,
+            wire_received: wire.received - wire0.received,
+            attempts: attempt,
+            retries: stats.retries,
+            seconds: t0.elapsed().as_secs_f64(),
+            transfer: stats,
+        })
+    }
+
+    /// Make version `rev` of `image` usable as the base of a new session.
+    ///
+    /// Today this fetches the whole version ahead of time ([`Point::pull`]). When the
+    /// block layer can read a version lazily, this is the one call to replace: fetch
+    /// the tree, return at once, and let the served session fetch blocks on demand
+    /// while a background task prefetches the rest.
+    pub async fn fetch_base(&self, image: &str, rev: &str) -> Result<(VersionId, PullReport)> {
+        let r = self.pull(image, rev, 5).await?;
+        let id = VersionId::from_hex(&r.version)
+            .ok_or_else(|| PointError::Invalid(format!("bad version id {:?}", r.version)))?;
+        Ok((id, r))
+    }
+
+    /// Remember that session `name` belongs to this point (pushed by sync rounds).
+    pub fn record_session(&self, name: &str, s: SessionState) -> Result<()> {
+        self.update_state(|st| {
+            st.sessions.insert(name.to_string(), s);
+        })
+    }
+
+    /// Forget session `name` (its image stays, locally and on the hub).
+    pub fn forget_session(&self, name: &str) -> Result<()> {
+        self.update_state(|st| {
+            st.sessions.remove(name);
+        })
+    }
+
+    /// One sync round: for every attached session, commit it if it has new writes,
+    /// then push its branch to the hub if the hub lacks the tip. A failure of one
+    /// session does not stop the others; the report says what happened to each.
+    pub async fn sync(&self, committer: &dyn SessionCommitter) -> SyncReport {
+        let _g = self.sync_lock.lock().await;
+        let t0 = Instant::now();
+        let wire0 = self.client.wire();
+        let mut report = SyncReport {
+            time: now(),
+            ..SyncReport::default()
+        };
+        let sessions = match self.state() {
+            Ok(s) => s.sessions,
+            Err(e) => {
+                report.sessions.push(SessionSync {
+                    error: Some(e.to_string()),
+                    ..SessionSync::default()
+                });
+                return report;
+            }
+        };
+        for (name, s) in sessions {
+            let mut r = SessionSync {
+                session: name.clone(),
+                image: s.image.clone(),
+                branch: s.branch.clone(),
+                ..SessionSync::default()
+            };
+            match blocking(|| committer.commit_if_dirty(&name)) {
+                Ok(v) => r.committed = v,
+                Err(message) => {
+                    r.error = Some(
+                        PointError::Commit {
+                            session: name.clone(),
+                            message,
+                        }
+                        .to_string(),
+                    );
+                    report.sessions.push(r);
+                    continue;
+                }
+            }
+            match self.push_session(&name, &s).await {
+                Ok((tip, pushed)) => {
+                    r.hub_tip = tip;
+                    r.pushed = pushed;
+                }
+                Err(e) => {
+                    r.transient = e.is_transient();
+                    r.error = Some(e.to_string());
+                }
+            }
+            report.sessions.push(r);
+        }
+        report.ok = report.sessions.iter().all(|s| s.error.is_none());
+        let wire = self.client.wire();
+        report.wire_sent = wire.sent - wire0.sent;
+        report.wire_received = wire.received - wire0.received;
+        report.seconds = t0.elapsed().as_secs_f64();
+        let (ok, time) = (report.ok, report.time);
+        let err = report
+            .sessions
+            .iter()
+            .find_map(|s| s.error.clone().map(|e| format!("{}: {e}", s.session)));
+        if let Err(e) = self.update_state(|st| {
+            st.last_attempt = Some(time);
+            if ok {
+                st.last_sync = Some(time);
+            }
+            st.last_error = err;
+        }) {
+            tracing::warn!(error = %e, "could not record the sync round");
+        }
+        report
+    }
+
+    /// Push the local tip of a session's branch if the hub (as far as we know) lacks
+    /// it. Returns the hub's tip and what was sent.
+    async fn push_session(
+        &self,
+        name: &str,
+        s: &SessionState,
+    ) -> Result<(Option<String>, Option<TransferStats>)> {
+        let Some(tip) = self.store.get_ref(&s.image, RefKind::Branch, &s.branch)? else {
+            return Err(PointError::Invalid(format!(
+                "local branch {}:{} is gone",
+                s.image, s.branch
+            )));
+        };
+        if s.hub_tip.as_deref() == Some(tip.to_hex().as_str()) {
+            return Ok((s.hub_tip.clone(), None));
+        }
+        let stats = strata_sync::push(
+            &self.store,
+            &self.client,
+            &s.image,
+            &s.branch,
+            &tip,
+            &PushOptions {
+                expected: Expect::Current,
+                ..PushOptions::default()
+            },
+        )
+        .await?;
+        let hub_tip = stats.version.clone();
+        let st2 = stats.clone();
+        self.update_state(|st| {
+            if let Some(e) = st.sessions.get_mut(name) {
+                e.hub_tip = Some(hub_tip.clone());
+                e.last_push = Some(st2);
+                e.last_push_time = Some(now());
+            }
+        })?;
+        Ok((Some(hub_tip), Some(stats)))
+    }
+
+    /// What this point knows of itself and, if it answers within a few seconds, what
+    /// the hub holds of its sessions.
+    pub async fn status(&self) -> Result<Status> {
+        let state = self.state()?;
+        let mut cfg = client_config(&self.config.hub, self.config.ca_file.as_deref())?;
+        let cred_path = self.root.join(CREDENTIAL_FILE);
+        let cred = std::fs::read_to_string(&cred_path).map_err(io_err(&cred_path))?;
+        cfg = cfg.credential(cred.trim());
+        cfg.connect_timeout = Duration::from_secs(3);
+        cfg.read_timeout = Duration::from_secs(5);
+        let quick = HubClient::new(&cfg)?;
+        let (mut reachable, mut hub_error) = (true, None);
+        let mut sessions = Vec::new();
+        for (name, s) in &state.sessions {
+            let (mut hub_tip, mut from) = (s.hub_tip.clone(), "last sync");
+            if reachable {
+                match quick.image(&s.image).await {
+                    Ok(summary) => {
+                        hub_tip = summary
+                            .branches
+                            .iter()
+                            .find(|b| b.name == s.branch)
+                            .map(|b| b.version.clone());
+                        from = "hub";
+                    }
+                    // Not on the hub yet (a point may not even see a name it
+                    // does not own).
+                    Err(SyncError::Hub { status: 404, .. }) | Err(SyncError::Forbidden(_))
+                        if s.hub_tip.is_none() =>
+                    {
+                        hub_tip = None;
+                        from = "hub";
+                    }
+                    Err(e) => {
+                        reachable = !e.is_transient();
+                        hub_error = Some(e.to_string());
+                    }
+                }
+            }
+            let local_tip = match self.store.get_ref(&s.image, RefKind::Branch, &s.branch) {
+                Ok(v) => v,
+                Err(StoreError::NoSuchImage(_)) => None,
+                Err(e) => return Err(e.into()),
+            };
+            let pending = match local_tip {
+                Some(t) => self.pending(&t, hub_tip.as_deref(), &s.origin_version)?,
+                None => 0,
+            };
+            let disk = self.store.disk_session(name).ok();
+            sessions.push(SessionStatus {
+                session: name.clone(),
+                image: s.image.clone(),
+                branch: s.branch.clone(),
+                origin: s.origin.clone(),
+                origin_version: s.origin_version.clone(),
+                base: disk.map(|d| d.base),
+                local_tip: local_tip.map(|t| t.to_hex()),
+                hub_tip,
+                hub_tip_from: from,
+                pending_versions: pending,
+                uncommitted_blocks: None,
+                last_push: s.last_push.clone(),
+                last_push_time: s.last_push_time,
+            });
+        }
+        if state.sessions.is_empty() {
+            if let Err(e) = quick.images().await {
+                reachable = !e.is_transient();
+                hub_error = Some(e.to_string());
+            }
+        }
+        Ok(Status {
+            point: self.config.point.clone(),
+            hub: self.config.hub.clone(),
+            hub_reachable: reachable,
+            hub_error,
+            sync_interval_secs: self.config.sync_interval_secs,
+            max_rate: self.config.max_rate,
+            last_sync: state.last_sync,
+            last_attempt: state.last_attempt,
+            last_error: state.last_error,
+            sessions,
+        })
+    }
+
+    /// Versions from `tip` back along first parents that the hub lacks: up to (not
+    /// including) the hub's tip, or, when the hub has none, back to the origin
+    /// (counted too: the hub's branch must still be created).
+    fn pending(&self, tip: &VersionId, hub_tip: Option<&str>, origin: &str) -> Result<u64> {
+        let mut n = 0;
+        for (id, _) in self.store.history(tip, 100_000)? {
+            let hex = id.to_hex();
+            if Some(hex.as_str()) == hub_tip {
+                return Ok(n);
+            }
+            n += 1;
+            if hub_tip.is_none() && hex == origin {
+                return Ok(n);
+            }
+        }
+        Ok(n)
+    }
+}
