@@ -31,9 +31,10 @@
 //!   same 64 KiB again — sequential 4 KiB readers at queue depth 16 would otherwise
 //!   decode each block 16 times. A reader only waits after finishing its own fills,
 //!   so two readers never wait on each other.
-//! * Space is bounded: filling stops (the cache serves what it holds; misses are
-//!   decoded as before) when the file system's free space falls under a reserve, and
-//!   for good after any write error. Reads never fail because the cache cannot grow.
+//! * Space is bounded: filling pauses (the cache serves what it holds; misses are
+//!   decoded as before) while the file system's free space is under a reserve — it
+//!   is looked at again every [`FULL_RECHECK`] — and stops for good after a write
+//!   error. Reads never fail because the cache cannot grow.
 
 use std::fs::File;
 use std::io;
@@ -42,6 +43,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 /// What is known of a block (2 bits in [`BlockCache`]'s state map).
 pub(crate) const UNKNOWN: u8 = 0;
@@ -54,6 +56,8 @@ pub(crate) const CACHED: u8 = 3;
 
 /// Filled bytes between two checks of the file system's free space.
 const SPACE_CHECK_BYTES: u64 = 64 << 20;
+/// How long filling pauses when the file system is short of space.
+const FULL_RECHECK: Duration = Duration::from_secs(10);
 
 /// How versions opened through one [`VersionDisks`](crate::VersionDisks) cache blocks.
 #[derive(Clone, Debug)]
@@ -88,7 +92,7 @@ pub struct BlockCacheStats {
     pub uncached_reads: u64,
     /// Blocks in the cache file now.
     pub cached_blocks: u64,
-    /// New blocks are being cached (false once off, full or broken).
+    /// New blocks are being cached (false while off, short of space, or broken).
     pub filling: bool,
 }
 
@@ -102,7 +106,11 @@ pub(crate) struct BlockCache {
     busy: Box<[AtomicU64]>,
     /// Created on the first fill; `None` if that failed (then nothing is cached).
     file: OnceLock<Option<File>>,
+    /// Off by configuration, or after an error: nothing more is cached.
     filling: AtomicBool,
+    /// Short of space: nothing is cached until this time (ms since `born`); 0 = no.
+    full_until_ms: AtomicU64,
+    born: Instant,
     min_free: Option<u64>,
     /// Waiters for fills by other readers.
     gate: Mutex<()>,
@@ -133,6 +141,8 @@ impl BlockCache {
             busy: atomics(blocks.div_ceil(64)),
             file: OnceLock::new(),
             filling: AtomicBool::new(config.enabled),
+            full_until_ms: AtomicU64::new(0),
+            born: Instant::now(),
             min_free: config.min_free_bytes,
             gate: Mutex::new(()),
             filled: Condvar::new(),
@@ -179,7 +189,42 @@ impl BlockCache {
 
     /// Whether new blocks are being written into the cache.
     pub(crate) fn filling(&self) -> bool {
-        self.filling.load(Ordering::Acquire)
+        if !self.filling.load(Ordering::Acquire) {
+            return false;
+        }
+        let until = self.full_until_ms.load(Ordering::Relaxed);
+        if until == 0 {
+            return true;
+        }
+        if (self.born.elapsed().as_millis() as u64) < until {
+            return false;
+        }
+        // Time to look again (one reader does; the others go on without the cache).
+        let later = self.born.elapsed() + FULL_RECHECK;
+        if self
+            .full_until_ms
+            .compare_exchange(
+                until,
+                later.as_millis() as u64,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            )
+            .is_err()
+        {
+            return false;
+        }
+        if self.room_left() {
+            self.full_until_ms.store(0, Ordering::Release);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Pause filling for [`FULL_RECHECK`]: the file system is short of space.
+    fn pause_full(&self) {
+        let until = (self.born.elapsed() + FULL_RECHECK).as_millis() as u64;
+        self.full_until_ms.store(until.max(1), Ordering::Release);
     }
 
     /// Claim block `b` for a fill: false if another reader is filling it.
@@ -234,31 +279,19 @@ impl BlockCache {
         if (prev == 0 || prev / SPACE_CHECK_BYTES != (prev + n as u64) / SPACE_CHECK_BYTES)
             && !self.room_left()
         {
-            self.filling.store(false, Ordering::Release);
+            self.pause_full();
             return false;
         }
         let Some(file) = self.file() else {
             return false;
         };
         // Bytes past `n` in a short chunk stay a hole: zeros, as they read.
-        if file.write_all_at(&data[..n], b * self.bs).is_err() {
-            self.filling.store(false, Ordering::Release);
+        if let Err(e) = file.write_all_at(&data[..n], b * self.bs) {
+            match e.raw_os_error() {
+                Some(libc::ENOSPC) | Some(libc::EDQUOT) => self.pause_full(),
+                _ => self.filling.store(false, Ordering::Release),
+            }
             return false;
-        }
-        if std::env::var_os("STRATA_CACHE_SFR").is_some() {
-        // Start writing it back now, without waiting for it. Left to the kernel's
-        // 30-second expiry, the gigabytes a burst of fills dirties would be written
-        // back later in one storm, and throttle (and, with ext4's ordered data, delay
-        // the fsyncs of) whoever writes then: the sessions.
-        // SAFETY: sync_file_range only reads its integer arguments; the fd is ours.
-        unsafe {
-            libc::sync_file_range(
-                file.as_raw_fd(),
-                (b * self.bs) as libc::off_t,
-                n as libc::off_t,
-                libc::SYNC_FILE_RANGE_WRITE,
-            );
-        }
         }
         self.mark(b, CACHED);
         self.fills.fetch_add(1, Ordering::Relaxed);
@@ -433,7 +466,7 @@ mod tests {
     }
 
     #[test]
-    fn a_full_file_system_stops_filling() {
+    fn a_full_file_system_pauses_filling() {
         let tmp = tempfile::tempdir().unwrap();
         let c = BlockCache::new(
             tmp.path().join("cache"),

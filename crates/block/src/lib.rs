@@ -21,6 +21,7 @@ pub mod block_cache;
 pub mod disk;
 mod lru;
 pub mod session;
+pub mod upstream;
 pub mod version_disk;
 
 use std::sync::Arc;
@@ -28,6 +29,7 @@ use std::sync::Arc;
 pub use block_cache::{BlockCacheConfig, BlockCacheStats};
 pub use disk::{Disk, DiskExtent};
 pub use session::{CommitReport, SessionDisk, SessionInfo, SessionStats};
+pub use upstream::Upstream;
 pub use version_disk::{VersionDisk, VersionDisks};
 
 use strata_store::tree::{self, Span};

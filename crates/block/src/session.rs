@@ -566,7 +566,19 @@ impl SessionDisk {
         store: Arc<Store>,
         base: VersionId,
     ) -> Result<SessionDisk, StoreError> {
-        let version = store.load_version(&base)?;
+        SessionDisk::create_shared(dir, &VersionDisks::new(store), base)
+    }
+
+    /// [`create`](Self::create), taking the base's disk from `bases`: the base may be
+    /// a lazy version registered there ([`VersionDisks::get_lazy`]) that the store
+    /// does not hold (yet).
+    pub fn create_shared(
+        dir: &Path,
+        bases: &Arc<VersionDisks>,
+        base: VersionId,
+    ) -> Result<SessionDisk, StoreError> {
+        let base_disk = bases.get(base)?;
+        let version = base_disk.version().clone();
         at(fs::create_dir_all(dir), dir)?;
         let lock = lock_dir(dir, true)?.expect("exclusive locks wait or fail");
         if dir.join(META).exists() {
@@ -594,7 +606,7 @@ impl SessionDisk {
         at(fsync_dir(dir), dir)?;
         // session.json last: its presence means "a complete session".
         at(write_meta(dir, &meta), dir)?;
-        SessionDisk::open_locked(dir, &VersionDisks::new(store), lock)
+        SessionDisk::open_locked(dir, bases, lock)
     }
 
     /// Open the session in `dir` (after a restart or a crash: the delta is replayed

@@ -20,13 +20,14 @@ use std::io;
 use std::sync::{Arc, Mutex, Weak};
 
 use strata_store::tree::{entry_span, Node, FANOUT};
-use strata_store::{ChunkId, Entry, Store, StoreError, Version, VersionId};
+use strata_store::{ChunkId, Entry, ObjectKind, Store, StoreError, Version, VersionId};
 
 use crate::block_cache::{
     BlockCache, BlockCacheConfig, BlockCacheStats, CACHED, PRESENT, UNKNOWN, ZERO,
 };
 use crate::disk::{Disk, DiskExtent};
 use crate::lru::Lru;
+use crate::upstream::{self, Upstream};
 
 /// Tree nodes kept decoded (a full leaf is about 8.5 KB; 1024 leaves map 256 Ki blocks).
 const NODE_CACHE_ENTRIES: usize = 1024;
@@ -46,6 +47,9 @@ pub struct VersionDisk {
     nodes: Mutex<Lru<ChunkId, Arc<Node>>>,
     chunks: Mutex<Lru<ChunkId, Arc<Vec<u8>>>>,
     cache: BlockCache,
+    /// Where objects the local store lacks come from (a lazily streamed version on a
+    /// point; see [`upstream`](crate::upstream)). `None`: the version is local.
+    upstream: Option<Arc<dyn Upstream>>,
 }
 
 /// Where block cache files live: `STORE/cache/` (they have no names; see
@@ -103,6 +107,29 @@ impl VersionDisks {
             version,
             &self.config,
         ));
+        open.insert(id, Arc::downgrade(&d));
+        d
+    }
+
+    /// The disk of version `id` read lazily through `upstream` (its record fetched
+    /// from elsewhere; the store may lack the version and any of its objects). The
+    /// caller keeps the returned disk alive for as long as sessions may open over it:
+    /// [`get`](Self::get) finds it only while someone holds it. If the version is
+    /// open already, that disk is returned.
+    pub fn get_lazy(
+        &self,
+        id: VersionId,
+        version: Version,
+        upstream: Arc<dyn Upstream>,
+    ) -> Arc<VersionDisk> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(d) = open.get(&id).and_then(Weak::upgrade) {
+            return d;
+        }
+        open.retain(|_, w| w.strong_count() > 0);
+        let mut d = VersionDisk::with_config(self.store.clone(), id, version, &self.config);
+        d.upstream = Some(upstream);
+        let d = Arc::new(d);
         open.insert(id, Arc::downgrade(&d));
         d
     }
@@ -214,7 +241,27 @@ impl VersionDisk {
             nodes: Mutex::new(Lru::new(NODE_CACHE_ENTRIES)),
             chunks: Mutex::new(Lru::new(BLOCK_CACHE_BYTES)),
             cache,
+            upstream: None,
         }
+    }
+
+    /// A disk over version `id` (whose record came from elsewhere) that asks
+    /// `upstream` for every tree node and data chunk the store lacks.
+    pub fn lazy(
+        store: Arc<Store>,
+        id: VersionId,
+        version: Version,
+        config: &BlockCacheConfig,
+        upstream: Arc<dyn Upstream>,
+    ) -> VersionDisk {
+        let mut d = VersionDisk::with_config(store, id, version, config);
+        d.upstream = Some(upstream);
+        d
+    }
+
+    /// Whether this disk reads through an [`Upstream`].
+    pub fn is_lazy(&self) -> bool {
+        self.upstream.is_some()
     }
 
     pub fn id(&self) -> VersionId {
@@ -255,9 +302,57 @@ impl VersionDisk {
         if let Some(n) = self.nodes.lock().unwrap().get(id) {
             return Ok(n);
         }
-        let n = Arc::new(self.store.load_node(id)?);
+        let n = match (self.store.load_node(id), &self.upstream) {
+            (Err(StoreError::MissingObject { .. }), Some(up)) => {
+                upstream::fetch_nodes(&**up, &[*id])?
+                    .pop()
+                    .expect("one node")
+            }
+            (r, _) => r?,
+        };
+        let n = Arc::new(n);
         self.nodes.lock().unwrap().insert(*id, n.clone(), 1);
         Ok(n)
+    }
+
+    /// Data chunks `ids` (for `blocks`, a prefetch hint; may be empty): from the
+    /// store, and what it lacks from the upstream, verified (a lazy disk only).
+    fn read_chunks(&self, ids: &[ChunkId], blocks: &[u64]) -> Result<Vec<Vec<u8>>, StoreError> {
+        let Some(up) = &self.upstream else {
+            return self.store.read_chunks(ids);
+        };
+        let local = self.store.read_objects(ids)?;
+        let missing: Vec<usize> = (0..ids.len()).filter(|&i| local[i].is_none()).collect();
+        let mut out: Vec<Option<Vec<u8>>> = Vec::with_capacity(ids.len());
+        for (id, o) in ids.iter().zip(local) {
+            match o {
+                Some((ObjectKind::Data, raw)) => out.push(Some(raw)),
+                Some((kind, _)) => {
+                    return Err(StoreError::Corrupt {
+                        id: *id,
+                        reason: format!("expected a data chunk, found a {} object", kind.name()),
+                    })
+                }
+                None => out.push(None),
+            }
+        }
+        if !missing.is_empty() {
+            if blocks.len() == ids.len() {
+                let missed: Vec<u64> = missing.iter().map(|&i| blocks[i]).collect();
+                up.missed(&missed);
+            }
+            let want: Vec<ChunkId> = missing.iter().map(|&i| ids[i]).collect();
+            for (i, raw) in missing
+                .into_iter()
+                .zip(upstream::fetch_chunks(&**up, &want)?)
+            {
+                out[i] = Some(raw);
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|d| d.expect("every chunk found"))
+            .collect())
     }
 
     /// The entry of block `b`.
@@ -325,7 +420,7 @@ impl VersionDisk {
         }
         if !missing.is_empty() {
             let want: Vec<ChunkId> = missing.iter().map(|(_, id)| *id).collect();
-            let data = self.store.read_chunks(&want)?;
+            let data = self.read_chunks(&want, &[])?;
             self.cache.count_uncached(data.len() as u64);
             let mut lru = self.chunks.lock().unwrap();
             for ((i, id), d) in missing.into_iter().zip(data) {
@@ -581,7 +676,8 @@ impl VersionDisk {
         if !fetch.is_empty() {
             let ids: Vec<ChunkId> = fetch.iter().map(|(_, id)| *id).collect();
             // On error the claims are released (dropped) and nothing is cached.
-            let data = self.store.read_chunks(&ids)?;
+            let blocks: Vec<u64> = fetch.iter().map(|(b, _)| *b).collect();
+            let data = self.read_chunks(&ids, &blocks)?;
             for ((b, _), d) in fetch.iter().zip(&data) {
                 copy_block(buf, offset, *b, bs, Some(d));
                 if !self.cache.fill(*b, d) {
@@ -683,10 +779,11 @@ impl Disk for VersionDisk {
         Ok(())
     }
 
-    /// Prefetch: decode the range's data blocks into the block cache.
+    /// Prefetch: decode the range's data blocks into the block cache (and, on a lazy
+    /// disk, fetch the ones the store lacks even when the cache is off).
     fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
         check_range(self.size(), offset, len)?;
-        if !self.cache.filling() {
+        if !self.cache.filling() && self.upstream.is_none() {
             return Ok(());
         }
         let mut buf = vec![0u8; len.min(PREFETCH_BYTES) as usize];

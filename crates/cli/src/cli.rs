@@ -308,6 +308,14 @@ pub enum PointCommand {
         /// Override the enrolled sync interval (e.g. 5m, 1s).
         #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
         sync_interval: Option<std::time::Duration>,
+        /// How long a read of a block not yet fetched waits for an absent hub before
+        /// it fails with an I/O error.
+        #[arg(long, value_parser = parse_duration, value_name = "DURATION", default_value = "30s")]
+        fetch_timeout: std::time::Duration,
+        /// Do not prefetch streamed bases in the background (blocks are fetched only
+        /// as they are read).
+        #[arg(long)]
+        no_prefetch: bool,
     },
     /// Commit and push now (through the running agent, or here if none runs).
     Sync,

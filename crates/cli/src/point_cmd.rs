@@ -2,9 +2,12 @@
 //! `strata-point`; this file wires it to the NBD server and the disk sessions).
 //!
 //! * `enroll` makes the store a point; `pull` fetches a version in full;
-//! * `attach IMAGE@REV --session NAME` fetches the base ([`Point::fetch_base`], the
-//!   step lazy streaming will replace), clones it as the local image NAME (free) and
-//!   creates session NAME over NAME:main. NAME is this point's own image on the hub;
+//! * `attach IMAGE@REV --session NAME` fetches the version record and its tree
+//!   nodes only and creates session NAME over a lazy base ([`strata_point::lazy`]):
+//!   the agent serves it at once, fetching blocks as they are read and prefetching
+//!   the rest; once the base is local it becomes the local image NAME's main branch
+//!   and the session is committed like any other. (A version already local in full
+//!   is cloned as before.) NAME is this point's own image on the hub;
 //! * `run` is the agent: `strata serve` over the same exports
 //!   ([`serve::serve_exports`]) plus a sync loop that commits every session with new
 //!   writes and pushes it, backing off while the hub is unreachable (commits are
@@ -20,8 +23,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use strata_block::SessionDisk;
-use strata_point::{EnrollOptions, Point, SessionCommitter, SessionState, SyncReport};
+use strata_block::{SessionDisk, VersionDisk, VersionDisks};
+use strata_point::{
+    EnrollOptions, LazyBase, LazyConfig, Point, RemoteTree, SessionCommitter, SessionState,
+    SyncReport,
+};
 use strata_store::Store;
 
 use crate::cli::PointCommand;
@@ -77,7 +83,17 @@ pub fn run(ctx: &Ctx, cmd: PointCommand) -> Result<ExitCode> {
             socket,
             tls_dir,
             sync_interval,
-        } => agent(ctx, listen, socket, tls_dir, sync_interval)?,
+            fetch_timeout,
+            no_prefetch,
+        } => agent(
+            ctx,
+            listen,
+            socket,
+            tls_dir,
+            sync_interval,
+            fetch_timeout,
+            !no_prefetch,
+        )?,
         PointCommand::Sync => return sync(ctx),
         PointCommand::Status => status(ctx)?,
     }
@@ -152,7 +168,9 @@ fn pull(ctx: &Ctx, spec: &str, attempts: u32) -> Result<()> {
 fn attach(ctx: &Ctx, spec: &str, name: &str) -> Result<()> {
     let (store, point) = open_point(ctx)?;
     strata_store::validate_name(name)?;
-    if store.disk_sessions()?.iter().any(|s| s.name == name) {
+    if store.disk_sessions()?.iter().any(|s| s.name == name)
+        || point.state()?.sessions.contains_key(name)
+    {
         bail!("a session named {name:?} already exists");
     }
     if store.images()?.iter().any(|i| i.name == name) {
@@ -160,17 +178,58 @@ fn attach(ctx: &Ctx, spec: &str, name: &str) -> Result<()> {
     }
     let s = rev_spec(spec)?;
     let rev = s.rev.clone().unwrap_or_else(|| "main".into());
-    // The one step that lazy streaming replaces: today the whole version is fetched.
-    let (base, pulled) = runtime()?.block_on(with_progress(
+    let rt = runtime()?;
+    let wire0 = point.client().wire().received;
+    // The record and the tree only (small); blocks come as they are read.
+    let tree = rt.block_on(with_progress(
         &point,
-        &format!("fetching {}@{rev}", s.image),
+        &format!("fetching the tree of {}@{rev}", s.image),
         ctx.hide_progress(),
-        point.fetch_base(&s.image, &rev),
+        RemoteTree::fetch(point.client(), &s.image, &rev),
     ))?;
-    store.clone_image(name, &base)?;
-    if let Err(e) = crate::session::create(&store, name, &format!("{name}:main")) {
-        let _ = store.delete_image(name);
-        return Err(e);
+    let base = tree.id;
+    // Listed versions are complete (the store takes a record only after its tree).
+    let local = store.list_versions()?.iter().any(|(id, _)| *id == base);
+    let mut lazy = None;
+    if local {
+        store.clone_image(name, &base)?;
+        if let Err(e) = crate::session::create(&store, name, &format!("{name}:main")) {
+            let _ = store.delete_image(name);
+            return Err(e);
+        }
+    } else {
+        let dir = session_dir(&store, name);
+        if dir.exists() {
+            // Left by an attach or create interrupted before it was recorded.
+            std::fs::remove_dir_all(&dir)
+                .with_context(|| format!("removing stale {}", dir.display()))?;
+        }
+        std::fs::create_dir_all(&dir)?;
+        let made = (|| -> Result<_> {
+            tree.save(&dir)?;
+            let base_up = LazyBase::open(
+                name,
+                &dir,
+                store.clone(),
+                point.client().clone(),
+                LazyConfig {
+                    fetch_timeout: Duration::from_secs(30),
+                    runtime: rt.handle().clone(),
+                },
+            )?;
+            let bases = VersionDisks::new(store.clone());
+            let disk = bases.get_lazy(base, base_up.version().clone(), base_up.clone());
+            drop(SessionDisk::create_shared(&dir, &bases, base)?);
+            drop(disk);
+            Ok(base_up.progress())
+        })();
+        match made {
+            Ok(p) => lazy = Some(p),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        }
     }
     point.record_session(
         name,
@@ -179,9 +238,28 @@ fn attach(ctx: &Ctx, spec: &str, name: &str) -> Result<()> {
             branch: "main".into(),
             origin: format!("{}@{rev}", s.image),
             origin_version: base.to_hex(),
+            lazy: lazy.clone(),
             ..SessionState::default()
         },
     )?;
+    // A running agent starts serving (and prefetching) it now.
+    let adopted = lazy.is_some() && {
+        match UnixStream::connect(point.control_path()) {
+            Ok(mut c) => {
+                let req = serde_json::json!({"op": "adopt", "session": name});
+                c.write_all(format!("{req}\n").as_bytes())?;
+                let mut reply = String::new();
+                BufReader::new(c).read_line(&mut reply)?;
+                let v: serde_json::Value = serde_json::from_str(&reply).unwrap_or_default();
+                if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+                    bail!("the running agent could not take session {name}: {e}");
+                }
+                true
+            }
+            Err(_) => false,
+        }
+    };
+    let fetched = point.client().wire().received - wire0;
     if ctx.json {
         print_json(&serde_json::json!({
             "session": name,
@@ -189,17 +267,108 @@ fn attach(ctx: &Ctx, spec: &str, name: &str) -> Result<()> {
             "branch": "main",
             "base": base.to_hex(),
             "origin": format!("{}@{rev}", s.image),
-            "fetched": pulled,
+            "streaming": lazy,
+            "agent": adopted,
+            "wire_received": fetched,
         }));
     } else {
         println!(
-            "session {name} over {}@{rev} ({}); fetched {} on the wire; commits go to {name}:main and the hub's {name}",
+            "session {name} over {}@{rev} ({}); {} on the wire{}; commits go to {name}:main and the hub's {name}",
             s.image,
             base.short(),
-            bytes(pulled.wire_received)
+            bytes(fetched),
+            match &lazy {
+                Some(p) => format!(
+                    "; streaming {} blocks from the hub{}",
+                    p.blocks_total - p.blocks_local,
+                    if adopted { " (the agent serves it now)" } else { " when `point run` serves it" }
+                ),
+                None => String::new(),
+            }
         );
     }
     Ok(())
+}
+
+/// The agent's sessions whose bases are still streamed from the hub.
+struct Streaming {
+    store: Arc<Store>,
+    point: Arc<Point>,
+    exports: Arc<StoreExports>,
+    /// The lazy bases' registry (sessions open over them through it).
+    bases: Arc<VersionDisks>,
+    /// Held for the agent's lifetime: the registry finds a lazy disk only while
+    /// someone holds it.
+    held: std::sync::Mutex<Vec<(String, Arc<VersionDisk>)>>,
+    fetch_timeout: Duration,
+    prefetch: bool,
+    rt: tokio::runtime::Handle,
+}
+
+impl Streaming {
+    /// Serve session `name` over its lazy base, and prefetch it in the background.
+    fn adopt(self: &Arc<Self>, name: &str) -> Result<()> {
+        if self.held.lock().unwrap().iter().any(|(n, _)| n == name) {
+            return Ok(());
+        }
+        let Some(st) = self.point.state()?.sessions.get(name).cloned() else {
+            bail!("no attached session {name:?}");
+        };
+        if st.lazy.is_none() {
+            return Ok(());
+        }
+        if self.store.disk_session(name).is_ok() {
+            // Made local before a crash left the state behind.
+            self.point.record_lazy(name, None)?;
+            return Ok(());
+        }
+        let dir = session_dir(&self.store, name);
+        let up = LazyBase::open(
+            name,
+            &dir,
+            self.store.clone(),
+            self.point.client().clone(),
+            LazyConfig {
+                fetch_timeout: self.fetch_timeout,
+                runtime: self.rt.clone(),
+            },
+        )?;
+        let disk = self
+            .bases
+            .get_lazy(up.id(), up.version().clone(), up.clone());
+        let session = Arc::new(SessionDisk::open_shared(&dir, &self.bases)?);
+        self.exports.adopt_session(name, session);
+        self.held.lock().unwrap().push((name.to_string(), disk));
+        let (point, name) = (self.point.clone(), name.to_string());
+        if self.prefetch {
+            let (up, point, name) = (up.clone(), point.clone(), name.clone());
+            self.rt.spawn(async move {
+                if let Err(e) = up.prefetch(|_| {}).await {
+                    tracing::error!(session = %name, error = %e, "could not make the streamed base local");
+                }
+                let _ = point;
+            });
+        }
+        // Progress for `point status`, until the base is local.
+        self.rt.spawn(async move {
+            let mut last = None;
+            loop {
+                let done = up.is_materialised();
+                let p = (!done).then(|| up.progress());
+                if p != last {
+                    if let Err(e) = point.record_lazy(&name, p.clone()) {
+                        tracing::warn!(error = %e, "could not record prefetch progress");
+                    }
+                    last = p;
+                }
+                if done {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+        Ok(())
+    }
 }
 
 /// Commits through the agent's open disks (clients stay connected).
@@ -285,11 +454,13 @@ fn control_loop(
     listener: UnixListener,
     point: Arc<Point>,
     committer: Arc<AgentCommitter>,
+    streaming: Arc<Streaming>,
     rt: tokio::runtime::Handle,
 ) {
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
         let (point, committer, rt) = (point.clone(), committer.clone(), rt.clone());
+        let streaming = streaming.clone();
         std::thread::spawn(move || {
             let mut line = String::new();
             if BufReader::new(&conn).read_line(&mut line).is_err() {
@@ -300,6 +471,13 @@ fn control_loop(
                     let r = rt.block_on(point.sync(&*committer));
                     log_round(&r);
                     serde_json::to_value(r).unwrap_or_default()
+                }
+                Ok(v) if v["op"] == "adopt" => {
+                    let name = v["session"].as_str().unwrap_or_default();
+                    match streaming.adopt(name) {
+                        Ok(()) => serde_json::json!({"adopted": name}),
+                        Err(e) => serde_json::json!({"error": format!("{e:#}")}),
+                    }
                 }
                 _ => serde_json::json!({"error": format!("bad point control request: {line:?}")}),
             };
@@ -314,6 +492,8 @@ fn agent(
     sockets: Vec<PathBuf>,
     tls_dir: Option<PathBuf>,
     sync_interval: Option<Duration>,
+    fetch_timeout: Duration,
+    prefetch: bool,
 ) -> Result<()> {
     let (store, point) = open_point(ctx)?;
     let interval = sync_interval.unwrap_or_else(|| point.config().sync_interval());
@@ -340,9 +520,26 @@ fn agent(
         let (point, committer) = (point.clone(), committer.clone());
         std::thread::spawn(move || rt.block_on(sync_loop(point, committer, interval)));
     }
+    let streaming = Arc::new(Streaming {
+        store: store.clone(),
+        point: point.clone(),
+        exports: exports.clone(),
+        bases: VersionDisks::new(store.clone()),
+        held: std::sync::Mutex::new(Vec::new()),
+        fetch_timeout,
+        prefetch,
+        rt: handle.clone(),
+    });
+    for (name, s) in point.state()?.sessions {
+        if s.lazy.is_some() {
+            streaming
+                .adopt(&name)
+                .with_context(|| format!("serving streamed session {name}"))?;
+        }
+    }
     {
         let (point, committer) = (point.clone(), committer.clone());
-        std::thread::spawn(move || control_loop(listener, point, committer, handle));
+        std::thread::spawn(move || control_loop(listener, point, committer, streaming, handle));
     }
     let r = serve::serve_exports(
         store,
@@ -415,6 +612,10 @@ fn print_round_value(v: &serde_json::Value) {
             println!("{name}: failed: {e}");
             continue;
         }
+        if let Some(p) = s["prefetching"].as_f64() {
+            println!("{name}: prefetching {p:.0}% (not committed until its base is local)");
+            continue;
+        }
         let committed = s["committed"]
             .as_str()
             .map(|c| format!("committed {}, ", &c[..12.min(c.len())]))
@@ -472,6 +673,21 @@ fn status(ctx: &Ctx) -> Result<()> {
             .unwrap_or_default()
     );
     for s in &st.sessions {
+        if let Some(p) = &s.prefetch {
+            println!(
+                "{:<16} from {} prefetching {:.0}% ({}/{} blocks local, {} fetched) uncommitted blocks {}",
+                s.session,
+                s.origin,
+                p.percent(),
+                p.blocks_local,
+                p.blocks_total,
+                bytes(p.bytes_fetched),
+                s.uncommitted_blocks
+                    .map(|n| n.to_string())
+                    .unwrap_or_else(|| "?".into()),
+            );
+            continue;
+        }
         println!(
             "{:<16} from {} base {} local {} hub {} ({}) pending {} uncommitted blocks {} last push {}",
             s.session,

@@ -85,6 +85,12 @@ impl StoreExports {
         }
     }
 
+    /// Serve `disk` as session `name`, which the catalog may not list yet (a point's
+    /// session whose base is still being streamed from its hub).
+    pub fn adopt_session(&self, name: &str, disk: Arc<SessionDisk>) {
+        self.sessions.lock().unwrap().insert(name.to_string(), disk);
+    }
+
     /// The open session `name`, opening it on first use.
     pub fn session(&self, name: &str) -> Result<Arc<SessionDisk>> {
         let mut open = self.sessions.lock().unwrap();
@@ -161,12 +167,13 @@ impl ExportProvider for StoreExports {
             }
             (n, _) => n,
         };
-        let is_session = self
-            .store
-            .disk_sessions()
-            .map_err(io::Error::other)?
-            .iter()
-            .any(|s| s.name == name);
+        let is_session = self.sessions.lock().unwrap().contains_key(name)
+            || self
+                .store
+                .disk_sessions()
+                .map_err(io::Error::other)?
+                .iter()
+                .any(|s| s.name == name);
         if is_session {
             let disk = self
                 .session(name)

@@ -36,6 +36,13 @@ pub fn create(store: &Arc<Store>, name: &str, from: &str) -> Result<DiskSessionI
     if name.contains('@') || name.contains(':') {
         bail!("session name {name:?} may not contain '@' or ':'");
     }
+    if session_dir(store, name)
+        .join(strata_point::lazy::LAZY_FILE)
+        .exists()
+    {
+        // Not in the catalog yet because its base is still streaming from the hub.
+        bail!("a session named {name:?} exists: `strata point attach` is streaming its base");
+    }
     let spec = rev_spec(from)?;
     let base = store.resolve(&spec.image, spec.rev.as_deref())?;
     let rev = spec.rev.as_deref().unwrap_or(strata_store::DEFAULT_BRANCH);

@@ -185,10 +185,15 @@ struct Agent {
 
 impl Agent {
     fn start(store: &Path, sock: &Path) -> Agent {
+        Agent::start_with(store, sock, &[])
+    }
+
+    fn start_with(store: &Path, sock: &Path, extra: &[&str]) -> Agent {
         let mut child = Command::new(bin())
             .arg("--store")
             .arg(store)
             .args(["point", "run", "--sync-interval", "1s", "--socket", p(sock)])
+            .args(extra)
             .env_remove("STRATA_LOG")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -215,6 +220,39 @@ impl Drop for Agent {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Wait until the streamed base of the point's first session is local (status
+/// shows no prefetch any more). Gives up after two minutes (a hang, not a slow run).
+fn wait_local(pt: &Path) -> Value {
+    let t0 = Instant::now();
+    loop {
+        let st = json(Some(pt), &["point", "status"]);
+        if st["sessions"][0]["prefetch"].is_null() {
+            return st;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "prefetch never ended: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Run qemu-io with `cmds` on `uri`; true if every command succeeded.
+fn qemu_io_ok(uri: &str, cmds: &[&str]) -> (bool, String) {
+    let mut args = vec!["-f", "raw"];
+    for c in cmds {
+        args.extend_from_slice(&["-c", c]);
+    }
+    args.push(uri);
+    let out = Command::new("qemu-io").args(&args).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success() && !text.contains("failed"), text)
 }
 
 /// A hub directory, a source store for the operator, and room for points.
@@ -374,12 +412,13 @@ fn attached_session_serves_the_hubs_version() {
         &["point", "attach", "gold@main", "--session", "vm1"],
     );
     assert_eq!(r["session"], "vm1");
+    assert!(r["streaming"].is_object(), "attach streams the base: {r}");
     let agent = Agent::start(&pt, &env.path("nbd.sock"));
     let hub_copy = env.hub_export("gold@main", "hub-gold.raw");
     assert!(identical(&agent.uri("vm1"), "raw", p(&hub_copy), "raw"));
-    // The read-only version is served too.
-    assert!(identical(&agent.uri("gold@main"), "raw", p(&img), "raw"));
-    let st = json(Some(&pt), &["point", "status"]);
+    // Once prefetched, the base is the local image vm1's main, served read-only too.
+    let st = wait_local(&pt);
+    assert!(identical(&agent.uri("vm1@main"), "raw", p(&img), "raw"));
     assert_eq!(st["sessions"][0]["session"], "vm1");
     assert_eq!(
         st["sessions"][0]["origin_version"], r["base"],
@@ -403,7 +442,9 @@ fn offline_after_prefetch_then_sync_makes_the_hub_equal() {
         &["point", "attach", "gold@main", "--session", "vm1"],
     );
     let agent = Agent::start(&pt, &env.path("nbd.sock"));
-    // The first rounds push vm1 (the hub already holds its blocks).
+    // The base streams in; then the first rounds push vm1 (the hub already holds its
+    // blocks).
+    wait_local(&pt);
     ok(Some(&pt), &["point", "sync"]);
 
     hub.kill9();
@@ -581,4 +622,121 @@ fn pulling_a_new_version_sends_only_the_changed_blocks() {
     let copy = env.path("v2.raw");
     ok(Some(&pt), &["export", "gold@main", p(&copy)]);
     assert!(identical(p(&copy), "raw", p(&img), "raw"));
+}
+
+#[test]
+fn stream_start_fetches_only_what_is_read() {
+    let env = Env::new();
+    let hub = Hub::start(&env.hub_dir(), 0);
+    let proxy = Proxy::start(hub.addr()).unwrap();
+    let img = env.path("gold.raw");
+    let size = 64 * MIB;
+    make_raw(&img, size, &[(0, size)], 6);
+    env.publish(&img, "gold");
+    let pt = env.point("laptop", &format!("http://{}", proxy.addr()));
+    env.admin(&["grant", "laptop", "gold"]);
+    let down0 = proxy.bytes_to_client();
+    let r = json(
+        Some(&pt),
+        &["point", "attach", "gold@main", "--session", "vm1"],
+    );
+    let attach_bytes = proxy.bytes_to_client() - down0;
+    eprintln!("attach: {attach_bytes} bytes from the hub");
+    assert!(
+        attach_bytes < MIB,
+        "attach fetches the tree only: {attach_bytes}"
+    );
+    assert_eq!(r["streaming"]["blocks_total"], 1024, "{r}");
+    let agent = Agent::start_with(&pt, &env.path("nbd.sock"), &["--no-prefetch"]);
+    let uri = agent.uri("vm1");
+    // Reading the first MiB fetches about that, not the image.
+    let down1 = proxy.bytes_to_client();
+    run("qemu-io", &["-f", "raw", "-c", "read 0 1M", &uri]);
+    let read_bytes = proxy.bytes_to_client() - down1;
+    eprintln!("reading 1 MiB: {read_bytes} bytes from the hub");
+    assert!(read_bytes >= MIB, "{read_bytes}");
+    assert!(read_bytes < 8 * MIB, "{read_bytes}");
+    // The whole session equals the hub's version while the base is not local yet.
+    let hub_copy = env.hub_export("gold@main", "hub-gold.raw");
+    assert!(identical(&uri, "raw", p(&hub_copy), "raw"));
+    let st = json(Some(&pt), &["point", "status"]);
+    assert!(st["sessions"][0]["prefetch"].is_object(), "{st}");
+    // A sync round leaves it alone (no commit over a partial base).
+    let sr = json(Some(&pt), &["point", "sync"]);
+    assert!(sr["sessions"][0]["prefetching"].is_number(), "{sr}");
+    assert!(sr["sessions"][0]["committed"].is_null(), "{sr}");
+    // The streaming session is not in the catalog yet, but its name is taken.
+    let err = fails(Some(&pt), &["session", "create", "vm1", "--from", "gold"]);
+    assert!(err.contains("streaming"), "{err}");
+
+    // Writes while streaming stay in the delta; once prefetch has made the base
+    // local, the next sync commits them and the hub ends up equal to the point.
+    let reference = env.path("reference.raw");
+    std::fs::copy(&hub_copy, &reference).unwrap();
+    let writes = [
+        "write -P 0x5c 3M 1M",
+        "write -z 10M 2M",
+        "write -P 0x11 60M 64k",
+    ];
+    let mut args = vec!["-f", "raw"];
+    for w in writes {
+        args.extend(["-c", w]);
+    }
+    let mut session_args = args.clone();
+    session_args.push(&uri);
+    run("qemu-io", &session_args);
+    args.push(p(&reference));
+    run("qemu-io", &args);
+    drop(agent);
+    let agent = Agent::start(&pt, &env.path("nbd.sock"));
+    wait_local(&pt);
+    let r = json(Some(&pt), &["point", "sync"]);
+    assert_eq!(r["ok"], true, "{r}");
+    let uri = agent.uri("vm1");
+    assert!(identical(&uri, "raw", p(&reference), "raw"));
+    let hub_vm1 = env.hub_export("vm1@main", "hub-vm1.raw");
+    assert!(identical(p(&hub_vm1), "raw", p(&reference), "raw"));
+    drop(agent);
+}
+
+#[test]
+fn hub_away_before_prefetch_fails_missing_reads_then_recovers() {
+    let env = Env::new();
+    let hub = Hub::start(&env.hub_dir(), 0);
+    let port = hub.port;
+    let img = env.path("gold.raw");
+    make_raw(&img, 16 * MIB, &[(0, 16 * MIB)], 7);
+    env.publish(&img, "gold");
+    let hub_copy = env.hub_export("gold@main", "hub-gold.raw");
+    let pt = env.point("laptop", &hub.url());
+    env.admin(&["grant", "laptop", "gold"]);
+    json(
+        Some(&pt),
+        &["point", "attach", "gold@main", "--session", "vm1"],
+    );
+    let agent = Agent::start_with(
+        &pt,
+        &env.path("nbd.sock"),
+        &["--no-prefetch", "--fetch-timeout", "2s"],
+    );
+    let uri = agent.uri("vm1");
+    let (good, out) = qemu_io_ok(&uri, &["read 0 1M"]);
+    assert!(good, "{out}");
+    hub.kill9();
+    // Fetched blocks read; a missing one fails with an I/O error (after the timeout).
+    let (good, out) = qemu_io_ok(&uri, &["read 0 1M"]);
+    assert!(good, "{out}");
+    let (good, out) = qemu_io_ok(&uri, &["read 8M 64k"]);
+    assert!(
+        !good,
+        "a block that is not local cannot be read without the hub: {out}"
+    );
+    assert!(out.contains("Input/output error"), "{out}");
+    // The hub is back: the same read succeeds, and the whole session is right.
+    let hub = Hub::start(&env.hub_dir(), port);
+    let (good, out) = qemu_io_ok(&uri, &["read 8M 64k"]);
+    assert!(good, "{out}");
+    assert!(identical(&uri, "raw", p(&hub_copy), "raw"));
+    drop(agent);
+    drop(hub);
 }

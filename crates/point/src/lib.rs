@@ -15,7 +15,7 @@
 //! This crate holds what does not depend on NBD or on how sessions are opened:
 //! enrolment ([`enroll`]), reading the configuration ([`Point::open`]), pulling a
 //! version ([`Point::pull`], resuming after cuts), fetching the base of a new
-//! session ([`Point::fetch_base`], the one step lazy streaming will replace),
+//! session in full ([`Point::fetch_base`]) or lazily (streaming start: see [`lazy`]),
 //! recording attached sessions, and one sync round ([`Point::sync`]: commit each
 //! session that has new writes, then push its image to the hub, only what the hub
 //! lacks). The command (`crates/cli`, `point_cmd.rs`) supplies the NBD server and
@@ -27,10 +27,12 @@
 //! the blocks that changed since the hub's copy).
 
 pub mod config;
+pub mod lazy;
 pub mod state;
 mod sync;
 
 pub use config::{enroll, EnrollOptions, PointConfig, CONFIG_FILE, CREDENTIAL_FILE};
+pub use lazy::{LazyBase, LazyConfig, LazyProgress, RemoteTree};
 pub use state::{PointState, SessionState};
 pub use sync::{
     Point, PullReport, SessionCommitter, SessionStatus, SessionSync, Status, SyncReport,

@@ -27,6 +27,10 @@ pub struct SessionState {
     /// What the last push that sent something moved, and when.
     pub last_push: Option<TransferStats>,
     pub last_push_time: Option<i64>,
+    /// Set while the session's base is still being streamed from the hub (attached
+    /// lazily): sync rounds do not commit the session until it is local.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lazy: Option<crate::lazy::LazyProgress>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

@@ -56,6 +56,9 @@ pub struct SessionSync {
     /// The hub's tip after this round (hex), if it was reached.
     pub hub_tip: Option<String>,
     pub error: Option<String>,
+    /// Percent of the base local, while it is still being streamed (not committed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefetching: Option<f64>,
     /// The error is worth retrying (the hub or the link failed).
     #[serde(skip)]
     pub transient: bool,
@@ -102,6 +105,8 @@ pub struct SessionStatus {
     pub uncommitted_blocks: Option<u64>,
     pub last_push: Option<TransferStats>,
     pub last_push_time: Option<i64>,
+    /// While the base is still being streamed from the hub: how far it got.
+    pub prefetch: Option<crate::lazy::LazyProgress>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -253,6 +258,19 @@ impl Point {
         })
     }
 
+    /// Record the streaming progress of session `name`'s base (`None`: it is local).
+    pub fn record_lazy(
+        &self,
+        name: &str,
+        progress: Option<crate::lazy::LazyProgress>,
+    ) -> Result<()> {
+        self.update_state(|st| {
+            if let Some(s) = st.sessions.get_mut(name) {
+                s.lazy = progress;
+            }
+        })
+    }
+
     /// Forget session `name` (its image stays, locally and on the hub).
     pub fn forget_session(&self, name: &str) -> Result<()> {
         self.update_state(|st| {
@@ -288,6 +306,13 @@ impl Point {
                 branch: s.branch.clone(),
                 ..SessionSync::default()
             };
+            if let Some(l) = &s.lazy {
+                // A version over a partial base would break the store's invariants:
+                // the writes wait, durable in the session's delta.
+                r.prefetching = Some(l.percent());
+                report.sessions.push(r);
+                continue;
+            }
             match blocking(|| committer.commit_if_dirty(&name)) {
                 Ok(v) => r.committed = v,
                 Err(message) => {
@@ -439,6 +464,7 @@ impl Point {
                 uncommitted_blocks: None,
                 last_push: s.last_push.clone(),
                 last_push_time: s.last_push_time,
+                prefetch: s.lazy.clone(),
             });
         }
         if state.sessions.is_empty() {
