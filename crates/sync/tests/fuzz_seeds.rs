@@ -52,3 +52,19 @@ fn seeds_parse() {
     assert_eq!(n, 4);
     strata_sync::fuzz_frames(&std::fs::read(dir.join("frames.raw")).unwrap());
 }
+
+/// Every input the fuzzer kept (fuzz/corpus/transfer_frames) goes through the same
+/// entry point again: a parser change that makes one of them panic fails here, in
+/// the ordinary suite, not only under cargo fuzz.
+#[test]
+fn whole_corpus_replays_without_panics() {
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/transfer_frames");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let data = std::fs::read(entry.unwrap().path()).unwrap();
+        strata_sync::fuzz_frames(&data);
+        n += 1;
+    }
+    assert!(n >= 2, "the corpus has the two seeds at least");
+}
