@@ -389,6 +389,29 @@ pub fn systemd_listeners() -> io::Result<Vec<Listener>> {
     unsafe { listeners_from_fds(range) }
 }
 
+/// An integer `SOL_SOCKET` option of `fd`.
+///
+/// # Safety
+/// `fd` must be an open descriptor.
+unsafe fn socket_int_option(fd: RawFd, option: libc::c_int) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: the out-parameters are a c_int and its correct size.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            option,
+            &mut value as *mut _ as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value)
+}
+
 /// Turn listening socket descriptors into listeners, Unix or TCP by their address
 /// family. Descriptors that are not listening stream sockets are an error.
 ///
@@ -404,37 +427,13 @@ pub unsafe fn listeners_from_fds(
         // vouches for, with correctly sized out-parameters.
         let family = unsafe {
             libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
-            let mut ty: libc::c_int = 0;
-            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-            if libc::getsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_TYPE,
-                &mut ty as *mut _ as *mut libc::c_void,
-                &mut len,
-            ) != 0
-            {
-                return Err(io::Error::last_os_error());
-            }
-            if ty != libc::SOCK_STREAM {
+            if socket_int_option(fd, libc::SO_TYPE)? != libc::SOCK_STREAM {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
                     format!("descriptor {fd} is not a stream socket"),
                 ));
             }
-            let mut acc: libc::c_int = 0;
-            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-            if libc::getsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_ACCEPTCONN,
-                &mut acc as *mut _ as *mut libc::c_void,
-                &mut len,
-            ) != 0
-            {
-                return Err(io::Error::last_os_error());
-            }
-            if acc == 0 {
+            if socket_int_option(fd, libc::SO_ACCEPTCONN)? == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
                     format!("descriptor {fd} is not a listening socket"),

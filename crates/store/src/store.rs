@@ -270,15 +270,18 @@ impl Store {
         unreachable!("the loop returns on its second pass")
     }
 
+    /// Where each of `ids` is, under one catalog lock (`None`: not in the store).
+    fn locate_all(&self, ids: &[ChunkId]) -> Result<Vec<Option<Location>>> {
+        let cat = self.cat();
+        ids.iter()
+            .map(|id| catalog::locate(&cat.conn, id))
+            .collect()
+    }
+
     /// Read many data chunks at once (in parallel), in the order given.
     pub fn read_chunks(&self, ids: &[ChunkId]) -> Result<Vec<Vec<u8>>> {
         use rayon::prelude::*;
-        let locs: Vec<Option<Location>> = {
-            let cat = self.cat();
-            ids.iter()
-                .map(|id| catalog::locate(&cat.conn, id))
-                .collect::<Result<_>>()?
-        };
+        let locs = self.locate_all(ids)?;
         ids.par_iter()
             .zip(locs.par_iter())
             .map(|(id, loc)| match loc {
@@ -303,12 +306,7 @@ impl Store {
     /// serves a download from.)
     pub fn read_objects(&self, ids: &[ChunkId]) -> Result<Vec<Option<TypedObject>>> {
         use rayon::prelude::*;
-        let locs: Vec<Option<Location>> = {
-            let cat = self.cat();
-            ids.iter()
-                .map(|id| catalog::locate(&cat.conn, id))
-                .collect::<Result<_>>()?
-        };
+        let locs = self.locate_all(ids)?;
         ids.par_iter()
             .zip(locs.par_iter())
             .map(|(id, loc)| {

@@ -243,6 +243,25 @@ struct Puller<'a> {
 }
 
 impl<'a> Puller<'a> {
+    /// Of `items` (object, its counterpart in the base tree), the ones the local store
+    /// lacks, as requests (with the base for a delta when deltas are on); those it
+    /// holds are pinned by the session.
+    fn lacking(&mut self, items: Vec<(ChunkId, Option<ChunkId>)>) -> Result<Vec<Want>> {
+        let items = dedup(items);
+        let ids: Vec<ChunkId> = items.iter().map(|(id, _)| *id).collect();
+        let lacking: HashSet<ChunkId> = blocking(|| self.session.lacking(&ids))?
+            .into_iter()
+            .collect();
+        Ok(items
+            .iter()
+            .filter(|(id, _)| lacking.contains(id))
+            .map(|(id, base)| Want {
+                id: *id,
+                base: base.filter(|_| self.opts.delta),
+            })
+            .collect())
+    }
+
     /// Nodes at `level` (with their base-tree counterparts), and everything under
     /// those the local store lacks.
     fn nodes(
@@ -251,19 +270,7 @@ impl<'a> Puller<'a> {
         items: Vec<(ChunkId, Option<ChunkId>)>,
     ) -> BoxFuture<'_, Result<()>> {
         async move {
-            let items = dedup(items);
-            let ids: Vec<ChunkId> = items.iter().map(|(id, _)| *id).collect();
-            let lacking: HashSet<ChunkId> = blocking(|| self.session.lacking(&ids))?
-                .into_iter()
-                .collect();
-            let wants: Vec<Want> = items
-                .iter()
-                .filter(|(id, _)| lacking.contains(id))
-                .map(|(id, base)| Want {
-                    id: *id,
-                    base: base.filter(|_| self.opts.delta),
-                })
-                .collect();
+            let wants = self.lacking(items)?;
             if wants.is_empty() {
                 return Ok(());
             }
@@ -319,19 +326,7 @@ impl<'a> Puller<'a> {
 
     /// Data blocks the local store lacks, in parallel batches.
     async fn data(&mut self, items: Vec<(ChunkId, Option<ChunkId>)>) -> Result<()> {
-        let items = dedup(items);
-        let ids: Vec<ChunkId> = items.iter().map(|(id, _)| *id).collect();
-        let lacking: HashSet<ChunkId> = blocking(|| self.session.lacking(&ids))?
-            .into_iter()
-            .collect();
-        let wants: Vec<Want> = items
-            .iter()
-            .filter(|(id, _)| lacking.contains(id))
-            .map(|(id, base)| Want {
-                id: *id,
-                base: base.filter(|_| self.opts.delta),
-            })
-            .collect();
+        let wants = self.lacking(items)?;
         let per_batch = (self.opts.batch_bytes / self.block_size.max(1)).max(1);
         let (client, image, local, retries) =
             (self.client, self.image, self.local, self.opts.retries);
