@@ -4,6 +4,9 @@
 //! qemu-img compare against exports of the hub's store; transfer sizes with the
 //! `--json` reports and the proxy's byte counters.
 
+mod common;
+use common::{identical, p, run_tool as run};
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -16,10 +19,6 @@ const MIB: u64 = 1 << 20;
 
 fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_strata")
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
 }
 
 fn describe(args: &[&str], out: &Output) -> String {
@@ -68,28 +67,6 @@ fn fails(store: Option<&Path>, args: &[&str]) -> String {
         describe(args, &out)
     );
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn run(prog: &str, args: &[&str]) -> String {
-    let out = Command::new(prog).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{prog} {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn identical(a: &str, fa: &str, b: &str, fb: &str) -> bool {
-    let out = Command::new("qemu-img")
-        .args(["compare", "-f", fa, "-F", fb, a, b])
-        .output()
-        .unwrap();
-    if !out.status.success() {
-        eprintln!("{}", String::from_utf8_lossy(&out.stdout));
-    }
-    out.status.success()
 }
 
 /// xorshift64*: deterministic incompressible bytes.

@@ -2,6 +2,9 @@
 //! read-only versions, copy-on-write sessions checked against a qcow2 overlay doing
 //! the same writes, commits while a server holds the session.
 
+mod common;
+use common::{identical, p, run_tool as run};
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -100,29 +103,6 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn run(prog: &str, args: &[&str]) -> String {
-    let out = Command::new(prog).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{prog} {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn identical(a: &str, fa: &str, b: &str, fb: &str) -> bool {
-    Command::new("qemu-img")
-        .args(["compare", "-f", fa, "-F", fb, a, b])
-        .status()
-        .unwrap()
-        .success()
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
 }
 
 /// A 32 MiB base with data, zeros and holes.

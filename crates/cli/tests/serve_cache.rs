@@ -2,24 +2,12 @@
 //! base's read-only export share one cache file; each session still reads its own
 //! writes only; the cache leaves nothing in the store for gc or verify.
 
+mod common;
+use common::{identical, p, run_tool as run};
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
-fn run(prog: &str, args: &[&str]) -> String {
-    let out = Command::new(prog).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{prog} {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn strata(store: &Path, args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_strata"))
@@ -34,14 +22,6 @@ fn strata(store: &Path, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn identical(a: &str, fa: &str, b: &str, fb: &str) -> bool {
-    Command::new("qemu-img")
-        .args(["compare", "-q", "-f", fa, "-F", fb, a, b])
-        .status()
-        .unwrap()
-        .success()
 }
 
 struct Serve(Child);

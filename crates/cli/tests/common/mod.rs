@@ -295,11 +295,12 @@ fn list_dir(dir: &Path) -> Vec<String> {
 
 // ---- qemu ----------------------------------------------------------------------------
 
-fn run_tool(program: &str, args: &[&str]) -> String {
+/// Run `program ARGS`, panicking with its output on failure; returns stdout.
+pub fn run_tool(program: &str, args: &[&str]) -> String {
     let out = Command::new(program)
         .args(args)
         .output()
-        .unwrap_or_else(|e| panic!("cannot run {program} (install qemu-utils): {e}"));
+        .unwrap_or_else(|e| panic!("cannot run {program} (scripts/test installs it): {e}"));
     assert!(out.status.success(), "{}", describe(program, args, &out));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -349,6 +350,24 @@ pub fn images_identical(a: &Path, b: &Path) -> bool {
         Some(1) => false,
         _ => panic!("{}", describe("qemu-img", &args, &out)),
     }
+}
+
+/// `qemu-img compare -f FA -F FB A B` of two files or NBD URIs: true if their
+/// guest-visible contents are identical; false otherwise (qemu-img's report on
+/// stderr of the test).
+pub fn identical(a: &str, fa: &str, b: &str, fb: &str) -> bool {
+    let out = Command::new("qemu-img")
+        .args(["compare", "-f", fa, "-F", fb, a, b])
+        .output()
+        .expect("cannot run qemu-img (scripts/test installs it)");
+    if !out.status.success() {
+        eprintln!(
+            "qemu-img compare {a} {b}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out.status.success()
 }
 
 /// `qemu-img map --output=json FILE`: the extents qemu reports.
