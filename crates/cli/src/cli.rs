@@ -106,6 +106,9 @@ pub enum Command {
     /// Copy-on-write disk sessions over a version, served by `strata serve`.
     #[command(subcommand)]
     Session(SessionCommand),
+    /// Carry a version in a file (USB stick, DVD) instead of over the network.
+    #[command(subcommand)]
+    Bundle(BundleCommand),
     /// Run a hub (the data centre's image service) and administer it.
     #[command(subcommand)]
     Hub(HubCommand),
@@ -180,6 +183,39 @@ pub enum SessionCommand {
     Reset { name: String },
     /// Delete the session and its writes.
     Rm { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BundleCommand {
+    /// Write IMAGE@REV (blocks, tree, version record) to FILE.
+    Export {
+        /// IMAGE@REV (or IMAGE for the tip of main).
+        spec: String,
+        file: PathBuf,
+        /// Hold only what changed since this version of the image (the receiver must
+        /// have it); changed blocks travel as deltas against it.
+        #[arg(long, value_name = "REV")]
+        since: Option<String>,
+        /// zstd level (1-19).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
+        level: i32,
+        /// Replace FILE if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Verify FILE and add its version to this store, moving a branch to it.
+    Import {
+        file: PathBuf,
+        /// Put it in this image (default: the image it was exported from).
+        #[arg(long, value_name = "NAME")]
+        image: Option<String>,
+        /// The branch to move (created if new; moved if it is an ancestor).
+        #[arg(long, value_name = "NAME", default_value = "main")]
+        branch: String,
+        /// Move the branch even if its tip is not an ancestor of the bundle's version.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 /// How an operator command reaches a running hub.
@@ -286,6 +322,10 @@ pub enum PointCommand {
         /// Runs of the transfer after the link fails before giving up.
         #[arg(long, default_value_t = 5)]
         attempts: u32,
+        /// A local raw or qcow2 image to take matching blocks from (a block is taken
+        /// only if its hash is what the version lists at that place).
+        #[arg(long, value_name = "FILE")]
+        seed: Option<PathBuf>,
     },
     /// Start a session NAME over IMAGE@REV of the hub; its commits are this point's
     /// image NAME, pushed to the hub.

@@ -156,6 +156,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Session(c) => session(&ctx, c),
+        Command::Bundle(c) => crate::bundle_cmd::run(&ctx, c),
         Command::Hub(c) => crate::hub_cmd::run(&ctx, c),
         Command::Point(c) => crate::point_cmd::run(&ctx, c),
     }

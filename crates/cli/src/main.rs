@@ -5,6 +5,7 @@
 //! JSON document with `--json`; failures print `error: ...` (and with `--json` also
 //! `{"error": ...}` on stdout) and exit non-zero.
 
+mod bundle_cmd;
 mod cli;
 mod commands;
 mod export;

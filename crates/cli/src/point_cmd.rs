@@ -17,7 +17,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -76,7 +76,11 @@ pub fn run(ctx: &Ctx, cmd: PointCommand) -> Result<ExitCode> {
                 );
             }
         }
-        PointCommand::Pull { spec, attempts } => pull(ctx, &spec, attempts)?,
+        PointCommand::Pull {
+            spec,
+            attempts,
+            seed,
+        } => pull(ctx, &spec, attempts, seed.as_deref())?,
         PointCommand::Attach { spec, session } => attach(ctx, &spec, &session)?,
         PointCommand::Run {
             listen,
@@ -133,27 +137,47 @@ async fn with_progress<T>(
     out
 }
 
-fn pull(ctx: &Ctx, spec: &str, attempts: u32) -> Result<()> {
+fn pull(ctx: &Ctx, spec: &str, attempts: u32, seed: Option<&Path>) -> Result<()> {
     let (_, point) = open_point(ctx)?;
     let s = rev_spec(spec)?;
     let rev = s.rev.clone().unwrap_or_else(|| "main".into());
-    let r = runtime()?.block_on(with_progress(
+    let rt = runtime()?;
+    let seed = match seed {
+        Some(path) => {
+            // The seed is read in the version's block size, which the hub tells.
+            let (_, v, _) = rt.block_on(point.client().get_version(&s.image, &rev))?;
+            let seed = strata_point::ImageSeed::open(path, v.block_size)
+                .with_context(|| format!("seeding from {}", path.display()))?;
+            Some(Arc::new(seed) as Arc<dyn strata_sync::Seed>)
+        }
+        None => None,
+    };
+    let r = rt.block_on(with_progress(
         &point,
         &format!("pulling {}@{rev}", s.image),
         ctx.hide_progress(),
-        point.pull(&s.image, &rev, attempts),
+        point.pull(&s.image, &rev, attempts, seed),
     ))?;
     if ctx.json {
         print_json(&r);
     } else {
         println!(
-            "{}:{} {} ({} objects, {} logical, {} on the wire{}) in {:.1}s",
+            "{}:{} {} ({} objects, {} logical, {} on the wire{}{}) in {:.1}s",
             r.image,
             r.branch,
             &r.version[..12],
             r.objects,
             bytes(r.logical_bytes),
             bytes(r.wire_received + r.wire_sent),
+            if r.transfer.seeded > 0 {
+                format!(
+                    ", {} blocks ({}) from the seed",
+                    r.transfer.seeded,
+                    bytes(r.transfer.seeded_bytes)
+                )
+            } else {
+                String::new()
+            },
             if r.attempts > 1 {
                 format!(", {} attempts", r.attempts)
             } else {

@@ -14,7 +14,8 @@
 //!
 //! This crate holds what does not depend on NBD or on how sessions are opened:
 //! enrolment ([`enroll`]), reading the configuration ([`Point::open`]), pulling a
-//! version ([`Point::pull`], resuming after cuts), fetching the base of a new
+//! version ([`Point::pull`], resuming after cuts, optionally seeded from a local
+//! image: [`seed`]), fetching the base of a new
 //! session in full ([`Point::fetch_base`]) or lazily (streaming start: see [`lazy`]),
 //! recording attached sessions, and one sync round ([`Point::sync`]: commit each
 //! session that has new writes, then push its image to the hub, only what the hub
@@ -28,11 +29,13 @@
 
 pub mod config;
 pub mod lazy;
+pub mod seed;
 pub mod state;
 mod sync;
 
 pub use config::{enroll, EnrollOptions, PointConfig, CONFIG_FILE, CREDENTIAL_FILE};
 pub use lazy::{LazyBase, LazyConfig, LazyProgress, RemoteTree};
+pub use seed::ImageSeed;
 pub use state::{PointState, SessionState};
 pub use sync::{
     Point, PullReport, SessionCommitter, SessionStatus, SessionSync, Status, SyncReport,

@@ -197,21 +197,27 @@ impl Point {
     /// lacks) and move the local branch (see [`strata_sync::pull`]). A run cut by the
     /// link is run again, up to `attempts` runs in all, each resuming where the
     /// last stopped.
-    pub async fn pull(&self, image: &str, rev: &str, attempts: u32) -> Result<PullReport> {
+    ///
+    /// With a `seed` (a local copy of the image, see [`crate::ImageSeed`]), blocks the
+    /// seed holds at the same place with the right hash are taken from it instead
+    /// (the report's `transfer.seeded` counts those of the last attempt).
+    pub async fn pull(
+        &self,
+        image: &str,
+        rev: &str,
+        attempts: u32,
+        seed: Option<Arc<dyn strata_sync::Seed>>,
+    ) -> Result<PullReport> {
         let t0 = Instant::now();
         let wire0 = self.client.wire();
         let mut attempt = 0u32;
+        let opts = PullOptions {
+            seed,
+            ..PullOptions::default()
+        };
         let stats = loop {
             attempt += 1;
-            match strata_sync::pull(
-                &self.store,
-                &self.client,
-                image,
-                rev,
-                &PullOptions::default(),
-            )
-            .await
-            {
+            match strata_sync::pull(&self.store, &self.client, image, rev, &opts).await {
                 Ok(s) => break s,
                 Err(e) if e.is_transient() && attempt < attempts.max(1) => {
                     let wait = Duration::from_millis(500u64 << attempt.min(4));
@@ -245,7 +251,7 @@ impl Point {
     /// the tree, return at once, and let the served session fetch blocks on demand
     /// while a background task prefetches the rest.
     pub async fn fetch_base(&self, image: &str, rev: &str) -> Result<(VersionId, PullReport)> {
-        let r = self.pull(image, rev, 5).await?;
+        let r = self.pull(image, rev, 5, None).await?;
         let id = VersionId::from_hex(&r.version)
             .ok_or_else(|| PointError::Invalid(format!("bad version id {:?}", r.version)))?;
         Ok((id, r))

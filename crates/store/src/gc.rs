@@ -17,7 +17,9 @@
 //! 4. **Reclaim.** Packs left without live objects are deleted; packs with more than
 //!    [`REWRITE_DEAD_FRACTION`] dead bytes are rewritten with their live objects only,
 //!    the index switched to the new copy in one transaction, then the old file deleted.
-//!    Readers that raced the switch look the object up again.
+//!    Readers that raced the switch look the object up again. Small packs (under
+//!    [`SMALL_PACK_SIZE`], left by small uploads and sync rounds) are merged the same
+//!    way into full-size packs once there are [`MERGE_MIN_PACKS`] of them.
 //! 5. **Orphans.** Pack files that no index row and no live session claims (left by a
 //!    process killed between writing a pack and indexing it) are deleted.
 //!
@@ -42,6 +44,12 @@ use crate::version::Version;
 
 /// A pack is rewritten once more than this fraction of its bytes is dead.
 pub const REWRITE_DEAD_FRACTION: f64 = 0.25;
+/// Packs smaller than this are "small": every small upload or sync round writes one
+/// (a hub taking a check-in of tens of KiB from each of thousands of points writes
+/// thousands a day), and each costs a file, an open and a seek on read.
+pub const SMALL_PACK_SIZE: u64 = pack::TARGET_PACK_SIZE / 16;
+/// Once there are this many small packs, gc merges them into full-size ones.
+pub const MERGE_MIN_PACKS: usize = 8;
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct GcReport {
@@ -51,6 +59,8 @@ pub struct GcReport {
     pub deleted_versions: u64,
     pub packs_deleted: u64,
     pub packs_rewritten: u64,
+    /// Of the packs rewritten, small ones merged together.
+    pub packs_merged: u64,
     pub orphan_packs_deleted: u64,
     pub bytes_before: u64,
     pub bytes_after: u64,
@@ -356,11 +366,21 @@ pub fn gc(store: &Store, progress: &mut dyn FnMut(GcPhase)) -> Result<GcReport> 
     report.packs_deleted = empty_packs.len() as u64;
 
     progress(GcPhase::Rewrite);
-    let rewrite: Vec<(i64, String)> = live
+    type Packs = Vec<(i64, PackUse)>;
+    let (mut rewrite, small): (Packs, Packs) = live
         .into_iter()
-        .filter(|(_, u)| (u.reclaimable() as f64) > REWRITE_DEAD_FRACTION * u.size as f64)
-        .map(|(id, u)| (id, u.name))
-        .collect();
+        .filter(|(_, u)| {
+            (u.reclaimable() as f64) > REWRITE_DEAD_FRACTION * u.size as f64
+                || u.size < SMALL_PACK_SIZE
+        })
+        .partition(|(_, u)| (u.reclaimable() as f64) > REWRITE_DEAD_FRACTION * u.size as f64);
+    if small.len() >= MERGE_MIN_PACKS {
+        report.packs_merged = small.len() as u64;
+        rewrite.extend(small);
+    }
+    // In pack order (oldest first), so merged objects keep roughly their write order.
+    rewrite.sort_by_key(|(id, _)| *id);
+    let rewrite: Vec<(i64, String)> = rewrite.into_iter().map(|(id, u)| (id, u.name)).collect();
     if !rewrite.is_empty() {
         rewrite_packs(store, &rewrite)?;
         report.packs_rewritten = rewrite.len() as u64;

@@ -659,7 +659,13 @@ impl Store {
             if out.len() >= limit {
                 break;
             }
-            let v = self.load_version(&cur)?;
+            let v = match self.load_version(&cur) {
+                Ok(v) => v,
+                // A shallow store (a point, or one filled from a bundle) holds a
+                // version without its ancestors: the history known here ends there.
+                Err(StoreError::MissingObject { .. }) if !out.is_empty() => break,
+                Err(e) => return Err(e),
+            };
             next = v.parent_ids().ok().and_then(|p| p.first().copied());
             out.push((cur, v));
         }

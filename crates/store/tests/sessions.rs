@@ -236,3 +236,36 @@ fn gc_rewrites_partly_dead_packs_and_keeps_the_live_objects() {
     assert_eq!(r2.deleted_objects, 0);
     assert_eq!(r2.packs_rewritten, 0);
 }
+
+#[test]
+fn gc_merges_many_small_packs_into_few() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::init(&dir.path().join("s")).unwrap();
+    // Twenty small writes (a sync round each), every one leaving its own small packs.
+    let versions: Vec<(VersionId, Vec<u32>)> = (0..20u32)
+        .map(|i| {
+            let seeds: Vec<u32> = (i * 10..i * 10 + 3).collect();
+            (write_image(&store, &format!("img{i}"), &seeds), seeds)
+        })
+        .collect();
+    let before = store.backend().list_packs().unwrap().len();
+    assert!(before >= 40, "{before} packs");
+    let r = gc(&store, &mut |_| {}).unwrap();
+    assert_eq!(r.packs_merged as usize, before, "{r:?}");
+    assert_eq!(r.deleted_objects, 0, "{r:?}");
+    let after = store.backend().list_packs().unwrap().len();
+    // One pack per object kind: data, tree nodes, version records.
+    assert!(after <= 3, "{after} packs after merging {before}");
+    assert_clean(&store);
+    for (v, seeds) in &versions {
+        let back = read_back(&store, v);
+        assert_eq!(back.len(), seeds.len());
+        for (b, s) in back.iter().zip(seeds) {
+            assert_eq!(*b, block(*s));
+        }
+    }
+    // Merged packs are no longer small in number: nothing more to do.
+    let r2 = gc(&store, &mut |_| {}).unwrap();
+    assert_eq!(r2.packs_merged, 0, "{r2:?}");
+    assert_eq!(r2.packs_rewritten, 0, "{r2:?}");
+}

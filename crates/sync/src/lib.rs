@@ -11,7 +11,9 @@
 //! * [`client::HubClient`]: one async method per endpoint, with verified downloads,
 //!   a bandwidth cap ([`rate`]), timeouts and parallel requests;
 //! * [`transfer`]: [`pull`] and [`push`], which move only what the other side
-//!   lacks, resume after a cut, and count the bytes on the wire.
+//!   lacks, resume after a cut, and count the bytes on the wire;
+//! * [`bundle`]: a version (or what changed since another) in one file, carried
+//!   where no network reaches, verified on import like a pull.
 //!
 //! Every object is verified by hash (data in the plain domain, tree nodes and
 //! version records in their derived-key domains) before it is stored, on both ends.
@@ -46,6 +48,7 @@
 //! shared subtrees; keep lazily fetched nodes in a cache of their own.
 
 pub mod api;
+pub mod bundle;
 pub mod client;
 pub mod delta;
 pub mod error;
@@ -59,4 +62,6 @@ pub use client::{
 };
 pub use error::{Result, SyncError};
 pub use frame::fuzz_frames;
-pub use transfer::{pull, push, Expect, PullOptions, PushOptions, TransferOptions, TransferStats};
+pub use transfer::{
+    pull, push, Expect, PullOptions, PushOptions, Seed, TransferOptions, TransferStats,
+};

@@ -82,6 +82,8 @@ pub struct PullOptions {
     pub expected: Expect,
     /// A local version to take deltas against (default: the local branch's tip).
     pub base: Option<VersionId>,
+    /// Blocks to take from a local copy instead of the hub (see [`Seed`]).
+    pub seed: Option<std::sync::Arc<dyn Seed>>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -116,6 +118,11 @@ pub struct TransferStats {
     pub wire_received: u64,
     /// Requests retried after a failed connection.
     pub retries: u64,
+    /// Pull: data blocks taken from a seed instead of the hub, and their bytes.
+    #[serde(default)]
+    pub seeded: u64,
+    #[serde(default)]
+    pub seeded_bytes: u64,
 }
 
 impl TransferStats {
@@ -154,25 +161,36 @@ fn base_node(local: &Store, base: Option<ChunkId>, level: u8) -> Option<Node> {
     (node.level == level).then_some(node)
 }
 
-/// Children of `node` paired with the base tree's entries at the same places.
-fn children(node: &Node, base: Option<&Node>) -> Vec<(ChunkId, Option<ChunkId>)> {
+/// An object of the walk: its id, its counterpart in the base tree, and the first
+/// block it covers.
+type Item = (ChunkId, Option<ChunkId>, u64);
+
+/// Children of `node` (at `level`, covering blocks from `first`) paired with the base
+/// tree's entries at the same places.
+fn children(node: &Node, base: Option<&Node>, first: u64) -> Vec<Item> {
+    let span = strata_store::tree::entry_span(node.level);
     node.entries
         .iter()
         .enumerate()
         .filter_map(|(i, e)| {
             let id = e.id()?;
             let b = base.and_then(|b| b.entries.get(i)).and_then(Entry::id);
-            Some((id, b.filter(|b| *b != id)))
+            Some((id, b.filter(|b| *b != id), first + i as u64 * span))
         })
         .collect()
 }
 
-fn dedup(items: Vec<(ChunkId, Option<ChunkId>)>) -> Vec<(ChunkId, Option<ChunkId>)> {
+fn dedup<T>(items: Vec<T>, id: impl Fn(&T) -> ChunkId) -> Vec<T> {
     let mut seen = HashSet::new();
-    items
-        .into_iter()
-        .filter(|(id, _)| seen.insert(*id))
-        .collect()
+    items.into_iter().filter(|t| seen.insert(id(t))).collect()
+}
+
+/// Blocks a point may already hold outside its store, e.g. an old copy of the image
+/// on its disk or a DVD. Seeding takes from it only blocks that hash to exactly what
+/// the version lists at that place.
+pub trait Seed: Send + Sync + std::fmt::Debug {
+    /// The `len` bytes of block `index`, if the seed has them.
+    fn block(&self, index: u64, len: usize) -> Option<Vec<u8>>;
 }
 
 // ---- pull ----------------------------------------------------------------------------
@@ -239,6 +257,8 @@ struct Puller<'a> {
     session: WriteSession<'a>,
     opts: &'a TransferOptions,
     block_size: usize,
+    virtual_size: u64,
+    seed: Option<std::sync::Arc<dyn Seed>>,
     stats: TransferStats,
 }
 
@@ -246,31 +266,66 @@ impl<'a> Puller<'a> {
     /// Of `items` (object, its counterpart in the base tree), the ones the local store
     /// lacks, as requests (with the base for a delta when deltas are on); those it
     /// holds are pinned by the session.
-    fn lacking(&mut self, items: Vec<(ChunkId, Option<ChunkId>)>) -> Result<Vec<Want>> {
-        let items = dedup(items);
-        let ids: Vec<ChunkId> = items.iter().map(|(id, _)| *id).collect();
+    fn lacking(&mut self, items: Vec<Item>) -> Result<Vec<(Want, u64)>> {
+        let items = dedup(items, |i| i.0);
+        let ids: Vec<ChunkId> = items.iter().map(|(id, _, _)| *id).collect();
         let lacking: HashSet<ChunkId> = blocking(|| self.session.lacking(&ids))?
             .into_iter()
             .collect();
         Ok(items
             .iter()
-            .filter(|(id, _)| lacking.contains(id))
-            .map(|(id, base)| Want {
-                id: *id,
-                base: base.filter(|_| self.opts.delta),
+            .filter(|(id, _, _)| lacking.contains(id))
+            .map(|(id, base, first)| {
+                let want = Want {
+                    id: *id,
+                    base: base.filter(|_| self.opts.delta),
+                };
+                (want, *first)
             })
             .collect())
     }
 
+    /// Take what the seed holds of `wants` (data blocks, each with its block index),
+    /// verified by hash, into the store; return the rest.
+    fn seeded(&mut self, wants: Vec<(Want, u64)>) -> Result<Vec<(Want, u64)>> {
+        use rayon::prelude::*;
+        let Some(seed) = self.seed.clone() else {
+            return Ok(wants);
+        };
+        let (bs, size) = (self.block_size as u64, self.virtual_size);
+        let found: Vec<Option<Vec<u8>>> = wants
+            .par_iter()
+            .map(|(w, index)| {
+                let len = bs.min(size.saturating_sub(index * bs)) as usize;
+                seed.block(*index, len)
+                    .filter(|raw| ChunkId::for_object(ObjectKind::Data, raw) == w.id)
+            })
+            .collect();
+        let mut rest = Vec::new();
+        let mut take: Vec<(ChunkId, Vec<u8>)> = Vec::new();
+        for (w, raw) in wants.into_iter().zip(found) {
+            match raw {
+                Some(raw) => take.push((w.0.id, raw)),
+                None => rest.push(w),
+            }
+        }
+        for part in take.chunks(256) {
+            let refs: Vec<(ObjectKind, ChunkId, &[u8])> = part
+                .iter()
+                .map(|(id, raw)| (ObjectKind::Data, *id, raw.as_slice()))
+                .collect();
+            blocking(|| self.session.add_received(&refs))?;
+            self.stats.seeded += part.len() as u64;
+            self.stats.seeded_bytes += part.iter().map(|(_, r)| r.len() as u64).sum::<u64>();
+        }
+        Ok(rest)
+    }
+
     /// Nodes at `level` (with their base-tree counterparts), and everything under
     /// those the local store lacks.
-    fn nodes(
-        &mut self,
-        level: u8,
-        items: Vec<(ChunkId, Option<ChunkId>)>,
-    ) -> BoxFuture<'_, Result<()>> {
+    fn nodes(&mut self, level: u8, items: Vec<Item>) -> BoxFuture<'_, Result<()>> {
         async move {
-            let wants = self.lacking(items)?;
+            let (wants, firsts): (Vec<Want>, Vec<u64>) = self.lacking(items)?.into_iter().unzip();
             if wants.is_empty() {
                 return Ok(());
             }
@@ -287,7 +342,7 @@ impl<'a> Puller<'a> {
             let mut by_id: HashMap<ChunkId, Object> = objs.into_iter().map(|o| (o.id, o)).collect();
             let mut nodes = Vec::with_capacity(wants.len());
             let mut below = Vec::new();
-            for w in &wants {
+            for (w, first) in wants.iter().zip(firsts) {
                 let o = by_id.remove(&w.id).ok_or(SyncError::Missing {
                     side: "hub",
                     id: w.id,
@@ -301,7 +356,7 @@ impl<'a> Puller<'a> {
                         reason: format!("expected a level-{level} tree node"),
                     })?;
                 let base = blocking(|| base_node(self.local, w.base, level));
-                below.extend(children(&node, base.as_ref()));
+                below.extend(children(&node, base.as_ref(), first));
                 nodes.push(o);
             }
             if level == 0 {
@@ -325,8 +380,9 @@ impl<'a> Puller<'a> {
     }
 
     /// Data blocks the local store lacks, in parallel batches.
-    async fn data(&mut self, items: Vec<(ChunkId, Option<ChunkId>)>) -> Result<()> {
+    async fn data(&mut self, items: Vec<Item>) -> Result<()> {
         let wants = self.lacking(items)?;
+        let wants: Vec<Want> = self.seeded(wants)?.into_iter().map(|(w, _)| w).collect();
         let per_batch = (self.opts.batch_bytes / self.block_size.max(1)).max(1);
         let (client, image, local, retries) =
             (self.client, self.image, self.local, self.opts.retries);
@@ -406,12 +462,15 @@ pub async fn pull(
         session,
         opts: &opts.transfer,
         block_size: version.block_size as usize,
+        virtual_size: version.virtual_size,
+        seed: opts.seed.clone(),
         stats: TransferStats::default(),
     };
     let moved = async {
         if !p.session.lacking(&[vid])?.is_empty() {
             if let Ok(Entry::Present(root)) = version.root_entry() {
-                p.nodes(version.depth - 1, vec![(root, base_root)]).await?;
+                p.nodes(version.depth - 1, vec![(root, base_root, 0)])
+                    .await?;
             }
             p.session
                 .add_received(&[(ObjectKind::Version, vid, record.as_slice())])?;
@@ -568,7 +627,7 @@ impl<'a> Pusher<'a> {
         items: Vec<(ChunkId, Option<ChunkId>)>,
     ) -> BoxFuture<'_, Result<()>> {
         async move {
-            let items = dedup(items);
+            let items = dedup(items, |i| i.0);
             let ids: Vec<ChunkId> = items.iter().map(|(id, _)| *id).collect();
             let lacking = self.lacking(&ids).await?;
             let items: Vec<(ChunkId, Option<ChunkId>)> = items
@@ -593,7 +652,12 @@ impl<'a> Pusher<'a> {
                         })
                     })?;
                 let base = blocking(|| base_node(self.local, *base, level));
-                below.extend(children(&node, base.as_ref()));
+                // The hub's tree is not read by position: drop the block index.
+                below.extend(
+                    children(&node, base.as_ref(), 0)
+                        .into_iter()
+                        .map(|(id, b, _)| (id, b)),
+                );
             }
             if level == 0 {
                 self.data(below).await?;
@@ -610,7 +674,7 @@ impl<'a> Pusher<'a> {
     }
 
     async fn data(&mut self, items: Vec<(ChunkId, Option<ChunkId>)>) -> Result<()> {
-        let items = dedup(items);
+        let items = dedup(items, |i| i.0);
         let mut todo = Vec::new();
         for part in items.chunks(crate::api::MAX_IDS_PER_REQUEST) {
             let ids: Vec<ChunkId> = part.iter().map(|(id, _)| *id).collect();
