@@ -202,13 +202,18 @@ fn session(ctx: &Ctx, cmd: SessionCommand) -> Result<ExitCode> {
                         ),
                         None => ("?".into(), "delta missing".to_string()),
                     };
+                    let streaming = match &r.streaming {
+                        Some(l) => {
+                            format!(", base streaming from the hub ({:.0}% local)", l.percent())
+                        }
+                        None => String::new(),
+                    };
                     println!(
-                        "{:<20} {}@{}  written {:>10}  {}",
+                        "{:<20} {}@{}  written {:>10}  {used}{streaming}",
                         r.session.name,
                         r.session.image,
-                        &r.session.base[..12],
+                        &r.session.base[..12.min(r.session.base.len())],
                         written,
-                        used
                     );
                 }
             }

@@ -82,6 +82,9 @@ pub struct SessionRow {
     pub delta: Option<SessionInfo>,
     /// NBD clients connected to it now (0 when no `strata serve` runs).
     pub clients: u64,
+    /// On a point: the base is still being streamed from the hub (how much is local).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub streaming: Option<strata_point::LazyProgress>,
 }
 
 pub fn list(store: &Store) -> Result<Vec<SessionRow>> {
@@ -98,6 +101,41 @@ pub fn list(store: &Store) -> Result<Vec<SessionRow>> {
                 session: s,
                 delta,
                 clients,
+                streaming: None,
+            })
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(|mut rows| {
+            rows.extend(streaming_rows(store, &clients));
+            rows
+        })
+}
+
+/// A point's sessions whose bases are still streamed from the hub: they are in the
+/// catalog only once their base is local (a catalog session pins a complete base),
+/// so they come from the point's state file.
+fn streaming_rows(store: &Store, clients: &serde_json::Value) -> Vec<SessionRow> {
+    let Ok(state) = strata_point::PointState::load(store.root()) else {
+        return Vec::new();
+    };
+    state
+        .sessions
+        .into_iter()
+        .filter_map(|(name, s)| {
+            let progress = s.lazy?;
+            let delta = SessionDisk::inspect(&session_dir(store, &name)).ok();
+            let clients = clients.get(&name).and_then(|n| n.as_u64()).unwrap_or(0);
+            Some(SessionRow {
+                session: DiskSessionInfo {
+                    name: name.clone(),
+                    image: s.image,
+                    branch: Some(s.branch),
+                    base: s.origin_version,
+                    created: 0,
+                },
+                delta,
+                clients,
+                streaming: Some(progress),
             })
         })
         .collect()

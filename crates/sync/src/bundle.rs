@@ -536,3 +536,27 @@ pub fn import(
     )?;
     Ok((header, stats, current))
 }
+
+/// Fuzzing entry point: import `data` as a bundle into a scratch store (made once per
+/// process). Any outcome but a panic is fine; a bundle that imports must verify.
+#[doc(hidden)]
+pub fn fuzz_import(data: &[u8]) -> bool {
+    use std::sync::OnceLock;
+    static STORE: OnceLock<(tempfile::TempDir, Store)> = OnceLock::new();
+    let (_, store) = STORE.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("a scratch directory");
+        let store = Store::init(&dir.path().join("store")).expect("a scratch store");
+        (dir, store)
+    });
+    let opts = ImportOptions {
+        image: Some("fuzz".into()),
+        branch: "main".into(),
+        force: true,
+    };
+    let ok = import(store, data, &opts, &|_| {}).is_ok();
+    if ok {
+        let report = strata_store::verify::verify(store, &|_| {}).expect("verify runs");
+        assert!(report.ok(), "an imported bundle left the store damaged");
+    }
+    ok
+}

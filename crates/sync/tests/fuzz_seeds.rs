@@ -68,3 +68,22 @@ fn whole_corpus_replays_without_panics() {
     }
     assert!(n >= 2, "the corpus has the two seeds at least");
 }
+
+/// The bundle corpus (fuzz/corpus/bundle) replays through the fuzzing entry point;
+/// its seeds are real bundles, and the self-contained ones still import.
+#[test]
+fn bundle_corpus_replays_and_its_whole_seeds_import() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/bundle");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let data = std::fs::read(&path).unwrap();
+        let imported = strata_sync::bundle::fuzz_import(&data);
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if name == "whole.bundle" || name == "tiny.bundle" {
+            assert!(imported, "{name} no longer imports");
+        }
+        n += 1;
+    }
+    assert!(n >= 3, "the corpus has its three seeds at least");
+}
