@@ -109,6 +109,9 @@ pub enum Command {
     /// Carry a version in a file (USB stick, DVD) instead of over the network.
     #[command(subcommand)]
     Bundle(BundleCommand),
+    /// Release channels of gold images on a hub (win11/dev, win11/production, ...).
+    #[command(subcommand)]
+    Channel(ChannelCommand),
     /// Run a hub (the data centre's image service) and administer it.
     #[command(subcommand)]
     Hub(HubCommand),
@@ -215,6 +218,49 @@ pub enum BundleCommand {
         /// Move the branch even if its tip is not an ancestor of the bundle's version.
         #[arg(long)]
         force: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ChannelCommand {
+    /// Point CHANNEL (created if new) at IMAGE@REV of the hub.
+    Publish {
+        /// IMAGE@REV on the hub.
+        spec: String,
+        channel: String,
+        /// Only if the channel's log is still at this sequence number (0: new).
+        #[arg(long, value_name = "SEQ")]
+        expect_seq: Option<i64>,
+        #[command(flatten)]
+        access: HubAccess,
+    },
+    /// Point channel TO at the version channel FROM points at.
+    Promote {
+        from: String,
+        to: String,
+        #[arg(long, value_name = "SEQ")]
+        expect_seq: Option<i64>,
+        #[command(flatten)]
+        access: HubAccess,
+    },
+    /// Return CHANNEL to the version it had before its current one.
+    Rollback {
+        channel: String,
+        #[arg(long, value_name = "SEQ")]
+        expect_seq: Option<i64>,
+        #[command(flatten)]
+        access: HubAccess,
+    },
+    /// The history of CHANNEL, newest first.
+    Log {
+        channel: String,
+        #[command(flatten)]
+        access: HubAccess,
+    },
+    /// Every channel and where it points.
+    Ls {
+        #[command(flatten)]
+        access: HubAccess,
     },
 }
 

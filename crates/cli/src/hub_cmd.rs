@@ -28,7 +28,7 @@ use crate::spec::branch_target;
 /// The file in a hub directory where `hub run` records its URL.
 pub const URL_FILE: &str = "hub.url";
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -36,7 +36,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 /// An admin client for the hub `access` names.
-fn admin_client(access: &HubAccess) -> Result<HubClient> {
+pub(crate) fn admin_client(access: &HubAccess) -> Result<HubClient> {
     let url = match (&access.url, &access.dir) {
         (Some(u), _) => u.clone(),
         (None, Some(d)) => {

@@ -6,6 +6,7 @@
 //! `{"error": ...}` on stdout) and exit non-zero.
 
 mod bundle_cmd;
+mod channel_cmd;
 mod cli;
 mod commands;
 mod export;

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension};
-use strata_sync::api::{AuditEntry, PointInfo};
+use strata_sync::api::{AuditEntry, ChannelInfo, ChannelLogEntry, PointInfo};
 
 pub type DbResult<T> = Result<T, DbError>;
 
@@ -62,6 +62,15 @@ pub trait MetaDb: Send + Sync {
     fn audit(&self, actor: &str, action: &str, target: &str, detail: &str) -> DbResult<()>;
     /// The newest `limit` entries, newest first.
     fn audit_log(&self, limit: u32) -> DbResult<Vec<AuditEntry>>;
+    /// A channel's whole log, oldest first (empty: no such channel).
+    fn channel_log(&self, channel: &str) -> DbResult<Vec<ChannelLogEntry>>;
+    /// Every channel's current state.
+    fn channels(&self) -> DbResult<Vec<ChannelInfo>>;
+    /// Append `entry` to `channel`'s log — its `seq` must be one more than the log's
+    /// last — if the log's last sequence number is still `entry.seq - 1`, and record it
+    /// in the audit log, in one transaction. False (nothing written) if the channel
+    /// moved meanwhile.
+    fn channel_append(&self, channel: &str, entry: &ChannelLogEntry) -> DbResult<bool>;
 }
 
 const SCHEMA: &str = r#"
@@ -85,6 +94,18 @@ CREATE TABLE IF NOT EXISTS grants(
 CREATE TABLE IF NOT EXISTS owners(
     image TEXT PRIMARY KEY,
     point TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS channel_log(
+    channel TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    time INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    image TEXT NOT NULL,
+    version TEXT NOT NULL,
+    previous TEXT,
+    detail TEXT NOT NULL,
+    PRIMARY KEY(channel, seq)
 );
 CREATE TABLE IF NOT EXISTS audit(
     id INTEGER PRIMARY KEY,
@@ -311,7 +332,87 @@ impl MetaDb for SqliteMeta {
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
+
+    fn channel_log(&self, channel: &str) -> DbResult<Vec<ChannelLogEntry>> {
+        let c = self.conn();
+        let mut stmt = c.prepare(&format!(
+            "SELECT {CHANNEL_COLUMNS} FROM channel_log WHERE channel = ? ORDER BY seq"
+        ))?;
+        let rows = stmt.query_map([channel], channel_entry)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn channels(&self) -> DbResult<Vec<ChannelInfo>> {
+        let c = self.conn();
+        let mut stmt = c.prepare(
+            "SELECT channel, image, version, seq, time, actor FROM channel_log l
+             WHERE seq = (SELECT max(seq) FROM channel_log WHERE channel = l.channel)
+             ORDER BY channel",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(ChannelInfo {
+                name: r.get(0)?,
+                image: r.get(1)?,
+                version: r.get(2)?,
+                seq: r.get(3)?,
+                time: r.get(4)?,
+                actor: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn channel_append(&self, channel: &str, e: &ChannelLogEntry) -> DbResult<bool> {
+        let mut c = self.conn();
+        // IMMEDIATE: the check and the insert see no other writer between them.
+        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let last: i64 = tx.query_row(
+            "SELECT coalesce(max(seq), 0) FROM channel_log WHERE channel = ?",
+            [channel],
+            |r| r.get(0),
+        )?;
+        if last != e.seq - 1 {
+            return Ok(false);
+        }
+        tx.execute(
+            &format!("INSERT INTO channel_log(channel, {CHANNEL_COLUMNS}) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)"),
+            params![
+                channel, e.seq, e.time, e.actor, e.action, e.image, e.version, e.previous, e.detail
+            ],
+        )?;
+        let detail = match &e.previous {
+            Some(p) => format!("{}@{} (was {}) {}", e.image, e.version, p, e.detail),
+            None => format!("{}@{} {}", e.image, e.version, e.detail),
+        };
+        tx.execute(
+            "INSERT INTO audit(time, actor, action, target, detail) VALUES(?, ?, ?, ?, ?)",
+            params![
+                e.time,
+                e.actor,
+                format!("channel.{}", e.action),
+                channel,
+                detail.trim_end()
+            ],
+        )?;
+        tx.commit()?;
+        Ok(true)
+    }
 }
+
+fn channel_entry(r: &rusqlite::Row) -> rusqlite::Result<ChannelLogEntry> {
+    Ok(ChannelLogEntry {
+        seq: r.get(0)?,
+        time: r.get(1)?,
+        actor: r.get(2)?,
+        action: r.get(3)?,
+        image: r.get(4)?,
+        version: r.get(5)?,
+        previous: r.get(6)?,
+        detail: r.get(7)?,
+    })
+}
+
+const CHANNEL_COLUMNS: &str = "seq, time, actor, action, image, version, previous, detail";
 
 #[cfg(test)]
 mod tests {

@@ -33,6 +33,7 @@
 //! [`HubConfig::insecure`]; otherwise TLS from PEM files, with HTTP/2 (ALPN) so a
 //! point's parallel requests share one connection.
 
+mod channels;
 pub mod db;
 mod routes;
 
@@ -290,6 +291,10 @@ pub async fn start(cfg: HubConfig) -> anyhow::Result<RunningHub> {
                             hyper_util::rt::TokioExecutor::new(),
                         );
                         let r = match acceptor {
+                            Some(_) if !starts_tls(&stream).await => {
+                                refuse_plain_http(stream).await;
+                                return;
+                            }
                             Some(a) => match a.accept(stream).await {
                                 Ok(s) => builder
                                     .serve_connection(hyper_util::rt::TokioIo::new(s), service)
@@ -312,6 +317,39 @@ pub async fn start(cfg: HubConfig) -> anyhow::Result<RunningHub> {
         }
     });
     Ok(RunningHub { addr, tls, task })
+}
+
+/// Whether a new connection begins with a TLS handshake record (content type 22).
+/// Waits for its first byte, as the handshake would.
+async fn starts_tls(stream: &tokio::net::TcpStream) -> bool {
+    let mut b = [0u8; 1];
+    !matches!(stream.peek(&mut b).await, Ok(1) if b[0] != 0x16)
+}
+
+/// Answer plain HTTP sent to the HTTPS port in plain HTTP: a TLS alert instead would
+/// reach the client as "invalid HTTP version", which says nothing of the cause.
+async fn refuse_plain_http(mut stream: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = r#"{"code":"bad_request","error":"this hub speaks HTTPS only: plain HTTP was sent to its TLS port (use an https:// URL)"}"#;
+    let resp = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(resp.as_bytes()).await;
+    let _ = stream.shutdown().await;
+    // Read what the client still sends until it closes (bounded): closing with unread
+    // input would reset the connection, and the client could lose the answer.
+    let mut sink = [0u8; 16 << 10];
+    let drain = async {
+        let mut total = 0usize;
+        while let Ok(n) = stream.read(&mut sink).await {
+            total += n;
+            if n == 0 || total > 1 << 20 {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
 }
 
 /// Serve until the server fails (the CLI's `strata hub` runs this).

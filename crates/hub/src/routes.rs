@@ -23,7 +23,7 @@ use strata_sync::frame::{Body as ObjBody, Frame, FrameReader, FrameWriter};
 use crate::db::{hash_secret, now, DbError};
 use crate::{random_secret, Hub, Upload};
 
-type AppState = Arc<Hub>;
+pub(crate) type AppState = Arc<Hub>;
 
 pub(crate) fn router(hub: AppState) -> Router {
     Router::new()
@@ -50,6 +50,11 @@ pub(crate) fn router(hub: AppState) -> Router {
         .route("/v1/admin/points/{name}/revoke", post(revoke_point))
         .route("/v1/admin/grants", post(grant).delete(revoke_grant))
         .route("/v1/admin/audit", get(audit_log))
+        .route("/v1/channels", get(crate::channels::list))
+        .route("/v1/channels/log", get(crate::channels::log))
+        .route("/v1/channels/publish", post(crate::channels::publish))
+        .route("/v1/channels/promote", post(crate::channels::promote))
+        .route("/v1/channels/rollback", post(crate::channels::rollback))
         // Id lists are at most 64 B × 65,536; object streams are read incrementally
         // and have no overall limit.
         .layer(DefaultBodyLimit::max(MAX_IDS_PER_REQUEST * 64 + 4096))
@@ -65,26 +70,26 @@ pub(crate) struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, msg: impl Into<String>) -> ApiError {
+    pub(crate) fn new(status: StatusCode, code: &'static str, msg: impl Into<String>) -> ApiError {
         ApiError {
             status,
             code,
             msg: msg.into(),
         }
     }
-    fn unauthorized(msg: &str) -> ApiError {
+    pub(crate) fn unauthorized(msg: &str) -> ApiError {
         ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", msg)
     }
-    fn forbidden(msg: String) -> ApiError {
+    pub(crate) fn forbidden(msg: String) -> ApiError {
         ApiError::new(StatusCode::FORBIDDEN, "forbidden", msg)
     }
-    fn bad_request(msg: impl Into<String>) -> ApiError {
+    pub(crate) fn bad_request(msg: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, "bad_request", msg)
     }
-    fn not_found(msg: impl Into<String>) -> ApiError {
+    pub(crate) fn not_found(msg: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::NOT_FOUND, "not_found", msg)
     }
-    fn internal(msg: impl std::fmt::Display) -> ApiError {
+    pub(crate) fn internal(msg: impl std::fmt::Display) -> ApiError {
         tracing::error!(error = %msg, "internal error");
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -133,10 +138,10 @@ impl From<DbError> for ApiError {
     }
 }
 
-type ApiResult<T> = Result<T, ApiError>;
+pub(crate) type ApiResult<T> = Result<T, ApiError>;
 
 /// Run blocking work on the blocking pool.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> ApiResult<T> + Send + 'static,
 ) -> ApiResult<T> {
     tokio::task::spawn_blocking(f)
@@ -153,7 +158,7 @@ pub(crate) enum Caller {
 }
 
 impl Caller {
-    fn actor(&self) -> String {
+    pub(crate) fn actor(&self) -> String {
         match self {
             Caller::Admin => "admin".into(),
             Caller::Point(p) => format!("point:{p}"),
@@ -193,7 +198,7 @@ impl FromRequestParts<AppState> for Caller {
     }
 }
 
-fn require_admin(c: &Caller) -> ApiResult<()> {
+pub(crate) fn require_admin(c: &Caller) -> ApiResult<()> {
     match c {
         Caller::Admin => Ok(()),
         Caller::Point(p) => Err(ApiError::forbidden(format!(
@@ -202,7 +207,7 @@ fn require_admin(c: &Caller) -> ApiResult<()> {
     }
 }
 
-fn can_read(hub: &Hub, c: &Caller, image: &str) -> ApiResult<bool> {
+pub(crate) fn can_read(hub: &Hub, c: &Caller, image: &str) -> ApiResult<bool> {
     Ok(match c {
         Caller::Admin => true,
         Caller::Point(p) => {

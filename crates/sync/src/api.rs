@@ -193,3 +193,64 @@ pub fn decode_wants(b: &[u8]) -> Option<Vec<Want>> {
             .collect(),
     )
 }
+
+// ---- channels ------------------------------------------------------------------------
+
+/// A channel: a named pointer to a version of a gold image (`win11/production`),
+/// moved only by publish, promote and rollback, each an entry of its log.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ChannelInfo {
+    pub name: String,
+    pub image: String,
+    /// The version it points at (hex).
+    pub version: String,
+    /// Its log's last sequence number: the value compare-and-swap expects.
+    pub seq: i64,
+    pub time: i64,
+    pub actor: String,
+}
+
+/// One change of a channel.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ChannelLogEntry {
+    pub seq: i64,
+    pub time: i64,
+    /// `admin` or `point:NAME`.
+    pub actor: String,
+    /// `publish`, `promote` or `rollback`.
+    pub action: String,
+    pub image: String,
+    pub version: String,
+    /// The version it pointed at before (hex), if any.
+    pub previous: Option<String>,
+    /// For a promote: the channel it came from.
+    pub detail: String,
+}
+
+/// Publish `image@rev` to `channel`. With `expected_seq`, only if the channel's log
+/// is still at that sequence number (0: the channel must not exist yet).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PublishRequest {
+    pub channel: String,
+    pub image: String,
+    pub rev: String,
+    #[serde(default)]
+    pub expected_seq: Option<i64>,
+}
+
+/// Point channel `to` at what channel `from` points at now.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PromoteRequest {
+    pub from: String,
+    pub to: String,
+    #[serde(default)]
+    pub expected_seq: Option<i64>,
+}
+
+/// Return `channel` to the version it had before its current one.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RollbackRequest {
+    pub channel: String,
+    #[serde(default)]
+    pub expected_seq: Option<i64>,
+}

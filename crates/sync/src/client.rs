@@ -587,6 +587,34 @@ impl HubClient {
             .await
     }
 
+    /// Every channel (operators), or those whose image this point may read.
+    pub async fn channels(&self) -> Result<Vec<ChannelInfo>> {
+        self.json(self.request(Method::GET, &["channels"]), 0).await
+    }
+
+    /// A channel's log, oldest first.
+    pub async fn channel_log(&self, channel: &str) -> Result<Vec<ChannelLogEntry>> {
+        let rb = self
+            .request(Method::GET, &["channels", "log"])
+            .query(&[("name", channel)]);
+        self.json(rb, 0).await
+    }
+
+    pub async fn publish(&self, req: &PublishRequest) -> Result<ChannelInfo> {
+        self.send_json(Method::POST, &["channels", "publish"], req)
+            .await
+    }
+
+    pub async fn promote(&self, req: &PromoteRequest) -> Result<ChannelInfo> {
+        self.send_json(Method::POST, &["channels", "promote"], req)
+            .await
+    }
+
+    pub async fn rollback(&self, req: &RollbackRequest) -> Result<ChannelInfo> {
+        self.send_json(Method::POST, &["channels", "rollback"], req)
+            .await
+    }
+
     /// The newest `limit` audit entries, newest first.
     pub async fn audit(&self, limit: u32) -> Result<Vec<AuditEntry>> {
         let mut rb = self.request(Method::GET, &["admin", "audit"]);
