@@ -71,6 +71,44 @@ pub trait MetaDb: Send + Sync {
     /// in the audit log, in one transaction. False (nothing written) if the channel
     /// moved meanwhile.
     fn channel_append(&self, channel: &str, entry: &ChannelLogEntry) -> DbResult<bool>;
+
+    /// Record a new desktop (false if the name is taken).
+    fn create_desktop(&self, d: &DesktopRow) -> DbResult<bool>;
+    fn desktop(&self, name: &str) -> DbResult<Option<DesktopRow>>;
+    fn desktops(&self) -> DbResult<Vec<DesktopRow>>;
+    fn delete_desktop(&self, name: &str) -> DbResult<bool>;
+    /// The desktop whose user disk is `image`, if any.
+    fn desktop_by_user_image(&self, image: &str) -> DbResult<Option<DesktopRow>>;
+    /// Make `point` the holder of desktop `name` — if it has none, or already is, or
+    /// `force` — and audit it, in one transaction. Returns the desktop afterwards, or
+    /// `Err(current)` (unchanged) when someone else holds it and `force` is off.
+    fn check_out(
+        &self,
+        name: &str,
+        point: &str,
+        force: bool,
+        actor: &str,
+    ) -> DbResult<Result<DesktopRow, DesktopRow>>;
+    /// Release `point`'s hold on desktop `name`; false if it did not hold it.
+    fn check_in(&self, name: &str, point: &str) -> DbResult<bool>;
+    /// Has `point` ever held desktop `name`?
+    fn held_before(&self, name: &str, point: &str) -> DbResult<bool>;
+    /// The desktops `point` holds now.
+    fn desktops_held_by(&self, point: &str) -> DbResult<Vec<DesktopRow>>;
+    /// When `point` last made a request (to the minute), if ever.
+    fn last_seen(&self, point: &str) -> DbResult<Option<i64>>;
+}
+
+/// A desktop as the hub's metadata keeps it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesktopRow {
+    pub name: String,
+    pub channel: String,
+    pub user_image: String,
+    pub created: i64,
+    pub holder: Option<String>,
+    pub holder_since: Option<i64>,
+    pub epoch: i64,
 }
 
 const SCHEMA: &str = r#"
@@ -106,6 +144,22 @@ CREATE TABLE IF NOT EXISTS channel_log(
     previous TEXT,
     detail TEXT NOT NULL,
     PRIMARY KEY(channel, seq)
+);
+CREATE TABLE IF NOT EXISTS desktops(
+    name TEXT PRIMARY KEY,
+    channel TEXT NOT NULL,
+    user_image TEXT NOT NULL UNIQUE,
+    created INTEGER NOT NULL,
+    holder TEXT,
+    holder_since INTEGER,
+    epoch INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS desktops_by_holder ON desktops(holder);
+CREATE TABLE IF NOT EXISTS desktop_holders(
+    desktop TEXT NOT NULL,
+    point TEXT NOT NULL,
+    since INTEGER NOT NULL,
+    PRIMARY KEY(desktop, point)
 );
 CREATE TABLE IF NOT EXISTS audit(
     id INTEGER PRIMARY KEY,
@@ -397,6 +451,155 @@ impl MetaDb for SqliteMeta {
         tx.commit()?;
         Ok(true)
     }
+
+    fn create_desktop(&self, d: &DesktopRow) -> DbResult<bool> {
+        Ok(self.conn().execute(
+            &format!("INSERT INTO desktops({DESKTOP_COLUMNS}) VALUES(?, ?, ?, ?, NULL, NULL, 0) ON CONFLICT DO NOTHING"),
+            params![d.name, d.channel, d.user_image, d.created],
+        )? > 0)
+    }
+
+    fn desktop(&self, name: &str) -> DbResult<Option<DesktopRow>> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!("SELECT {DESKTOP_COLUMNS} FROM desktops WHERE name = ?"),
+                [name],
+                desktop_row,
+            )
+            .optional()?)
+    }
+
+    fn desktops(&self) -> DbResult<Vec<DesktopRow>> {
+        let c = self.conn();
+        let mut stmt = c.prepare(&format!(
+            "SELECT {DESKTOP_COLUMNS} FROM desktops ORDER BY name"
+        ))?;
+        let rows = stmt.query_map([], desktop_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn delete_desktop(&self, name: &str) -> DbResult<bool> {
+        let mut c = self.conn();
+        let tx = c.transaction()?;
+        tx.execute("DELETE FROM desktop_holders WHERE desktop = ?", [name])?;
+        let n = tx.execute("DELETE FROM desktops WHERE name = ?", [name])?;
+        tx.commit()?;
+        Ok(n > 0)
+    }
+
+    fn desktop_by_user_image(&self, image: &str) -> DbResult<Option<DesktopRow>> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!("SELECT {DESKTOP_COLUMNS} FROM desktops WHERE user_image = ?"),
+                [image],
+                desktop_row,
+            )
+            .optional()?)
+    }
+
+    fn check_out(
+        &self,
+        name: &str,
+        point: &str,
+        force: bool,
+        actor: &str,
+    ) -> DbResult<Result<DesktopRow, DesktopRow>> {
+        let mut c = self.conn();
+        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let Some(d) = tx
+            .query_row(
+                &format!("SELECT {DESKTOP_COLUMNS} FROM desktops WHERE name = ?"),
+                [name],
+                desktop_row,
+            )
+            .optional()?
+        else {
+            return Err(DbError::Invalid(format!("no desktop named {name:?}")));
+        };
+        match d.holder.as_deref() {
+            Some(h) if h == point => return Ok(Ok(d)),
+            Some(_) if !force => return Ok(Err(d)),
+            _ => {}
+        }
+        let t = now();
+        tx.execute(
+            "UPDATE desktops SET holder = ?, holder_since = ?, epoch = epoch + 1 WHERE name = ?",
+            params![point, t, name],
+        )?;
+        tx.execute(
+            "INSERT INTO desktop_holders(desktop, point, since) VALUES(?, ?, ?) ON CONFLICT DO NOTHING",
+            params![name, point, t],
+        )?;
+        let detail = match &d.holder {
+            Some(h) => format!("to {point}, taken from {h}"),
+            None => format!("to {point}"),
+        };
+        let action = if actor == "admin" {
+            "desktop.transfer"
+        } else {
+            "desktop.checkout"
+        };
+        tx.execute(
+            "INSERT INTO audit(time, actor, action, target, detail) VALUES(?, ?, ?, ?, ?)",
+            params![t, actor, action, name, detail],
+        )?;
+        let after = tx.query_row(
+            &format!("SELECT {DESKTOP_COLUMNS} FROM desktops WHERE name = ?"),
+            [name],
+            desktop_row,
+        )?;
+        tx.commit()?;
+        Ok(Ok(after))
+    }
+
+    fn check_in(&self, name: &str, point: &str) -> DbResult<bool> {
+        let mut c = self.conn();
+        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let n = tx.execute(
+            "UPDATE desktops SET holder = NULL, holder_since = NULL, epoch = epoch + 1
+             WHERE name = ? AND holder = ?",
+            params![name, point],
+        )?;
+        if n > 0 {
+            tx.execute(
+                "INSERT INTO audit(time, actor, action, target, detail) VALUES(?, ?, 'desktop.checkin', ?, '')",
+                params![now(), format!("point:{point}"), name],
+            )?;
+        }
+        tx.commit()?;
+        Ok(n > 0)
+    }
+
+    fn desktops_held_by(&self, point: &str) -> DbResult<Vec<DesktopRow>> {
+        let c = self.conn();
+        let mut stmt = c.prepare(&format!(
+            "SELECT {DESKTOP_COLUMNS} FROM desktops WHERE holder = ? ORDER BY name"
+        ))?;
+        let rows = stmt.query_map([point], desktop_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn last_seen(&self, point: &str) -> DbResult<Option<i64>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT last_seen FROM points WHERE name = ?",
+                [point],
+                |r| r.get(0),
+            )
+            .optional()?
+            .flatten())
+    }
+
+    fn held_before(&self, name: &str, point: &str) -> DbResult<bool> {
+        Ok(self.conn().query_row(
+            "SELECT count(*) FROM desktop_holders WHERE desktop = ? AND point = ?",
+            params![name, point],
+            |r| r.get::<_, i64>(0),
+        )? > 0)
+    }
 }
 
 fn channel_entry(r: &rusqlite::Row) -> rusqlite::Result<ChannelLogEntry> {
@@ -409,6 +612,20 @@ fn channel_entry(r: &rusqlite::Row) -> rusqlite::Result<ChannelLogEntry> {
         version: r.get(5)?,
         previous: r.get(6)?,
         detail: r.get(7)?,
+    })
+}
+
+const DESKTOP_COLUMNS: &str = "name, channel, user_image, created, holder, holder_since, epoch";
+
+fn desktop_row(r: &rusqlite::Row) -> rusqlite::Result<DesktopRow> {
+    Ok(DesktopRow {
+        name: r.get(0)?,
+        channel: r.get(1)?,
+        user_image: r.get(2)?,
+        created: r.get(3)?,
+        holder: r.get(4)?,
+        holder_since: r.get(5)?,
+        epoch: r.get(6)?,
     })
 }
 

@@ -35,6 +35,7 @@
 
 mod channels;
 pub mod db;
+mod desktops;
 mod routes;
 
 use std::collections::HashMap;

@@ -55,6 +55,22 @@ pub(crate) fn router(hub: AppState) -> Router {
         .route("/v1/channels/publish", post(crate::channels::publish))
         .route("/v1/channels/promote", post(crate::channels::promote))
         .route("/v1/channels/rollback", post(crate::channels::rollback))
+        .route("/v1/desktops", get(crate::desktops::list))
+        .route("/v1/desktops/{name}", get(crate::desktops::show))
+        .route(
+            "/v1/desktops/{name}/checkout",
+            post(crate::desktops::check_out),
+        )
+        .route(
+            "/v1/desktops/{name}/checkin",
+            post(crate::desktops::check_in),
+        )
+        .route("/v1/admin/desktops", post(crate::desktops::create))
+        .route("/v1/admin/desktops/{name}", delete(crate::desktops::remove))
+        .route(
+            "/v1/admin/desktops/{name}/transfer",
+            post(crate::desktops::transfer),
+        )
         // Id lists are at most 64 B × 65,536; object streams are read incrementally
         // and have no overall limit.
         .layer(DefaultBodyLimit::max(MAX_IDS_PER_REQUEST * 64 + 4096))
@@ -211,7 +227,9 @@ pub(crate) fn can_read(hub: &Hub, c: &Caller, image: &str) -> ApiResult<bool> {
     Ok(match c {
         Caller::Admin => true,
         Caller::Point(p) => {
-            hub.db.owner(image)?.as_deref() == Some(p.as_str()) || hub.db.is_granted(p, image)?
+            hub.db.owner(image)?.as_deref() == Some(p.as_str())
+                || hub.db.is_granted(p, image)?
+                || crate::desktops::may_read(hub, p, image)?
         }
     })
 }
@@ -232,6 +250,9 @@ async fn check_read(hub: &AppState, c: &Caller, image: &str) -> ApiResult<()> {
 /// Operators may write any image.
 fn check_write(hub: &Hub, c: &Caller, image: &str, claim: bool) -> ApiResult<()> {
     let Caller::Point(p) = c else { return Ok(()) };
+    if let Some(allowed) = crate::desktops::may_write(hub, p, image)? {
+        return allowed;
+    }
     let owner = match hub.db.owner(image)? {
         Some(o) => o,
         None if claim && hub.store.image_block_size(image)?.is_none() => {
@@ -684,6 +705,7 @@ async fn commit_upload(
             .take()
             .ok_or_else(|| ApiError::not_found("the upload has ended"))?;
         strata_store::validate_name(&req.branch)?;
+        crate::desktops::check_branch(&hub, &c, &image, &req.branch)?;
         session.commit_received(
             &version,
             &BranchUpdate {
@@ -742,6 +764,7 @@ async fn cas_branch(
     blocking(move || {
         check_write(&hub, &c, &image, false)?;
         strata_store::validate_name(&branch)?;
+        crate::desktops::check_branch(&hub, &c, &image, &branch)?;
         if hub.store.get_ref(&image, RefKind::Tag, &branch)?.is_some() {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,

@@ -254,3 +254,50 @@ pub struct RollbackRequest {
     #[serde(default)]
     pub expected_seq: Option<i64>,
 }
+
+// ---- desktops ------------------------------------------------------------------------
+
+/// A desktop: an OS disk that follows a channel, a user disk of its own (an image on
+/// the hub), and at most one point it is checked out to.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DesktopInfo {
+    pub name: String,
+    pub channel: String,
+    /// The hub image holding the user disk's versions.
+    pub user_image: String,
+    pub created: i64,
+    /// The point it is checked out to, since when, and that point's last contact.
+    pub holder: Option<String>,
+    pub holder_since: Option<i64>,
+    pub holder_last_seen: Option<i64>,
+    /// Bumped by every change of holder (a point that holds an older epoch lost it).
+    pub epoch: i64,
+    /// Where the channel points now: the OS disk's image and version (hex).
+    pub os_image: Option<String>,
+    pub os_version: Option<String>,
+    /// The user disk's newest synced version on the hub (hex) and when it was made.
+    pub user_version: Option<String>,
+    pub user_time: Option<i64>,
+}
+
+/// Make a desktop: its user disk empty of `size` bytes, or a copy of `template`
+/// (`IMAGE@REV` on the hub).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CreateDesktopRequest {
+    pub name: String,
+    pub channel: String,
+    #[serde(default)]
+    pub size: Option<u64>,
+    #[serde(default)]
+    pub template: Option<String>,
+    #[serde(default)]
+    pub block_size: Option<u32>,
+}
+
+/// Hand a desktop to `point`; `force` takes it from a current holder.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TransferRequest {
+    pub point: String,
+    #[serde(default)]
+    pub force: bool,
+}

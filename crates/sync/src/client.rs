@@ -460,17 +460,20 @@ impl HubClient {
             .await
             .map_err(|e| SyncError::Invalid(format!("upload encoder: {e}")))??;
         let n = body.len();
-        let limiter = self.limiter.clone();
+        let (limiter, counters) = (self.limiter.clone(), self.counters.clone());
         let pieces: Vec<Bytes> = Bytes::from(body)
             .chunks(64 << 10)
             .map(Bytes::copy_from_slice)
             .collect();
+        // Counted as the pieces go out, not up front: a cut upload counts what it
+        // sent, not the whole body.
         let stream = futures_util::stream::iter(pieces).then(move |p| {
-            let limiter = limiter.clone();
+            let (limiter, counters) = (limiter.clone(), counters.clone());
             async move {
                 if let Some(l) = limiter {
                     l.take(p.len()).await;
                 }
+                counters.sent.fetch_add(p.len() as u64, Ordering::Relaxed);
                 Ok::<Bytes, std::io::Error>(p)
             }
         });
@@ -482,7 +485,7 @@ impl HubClient {
             .header("content-type", OBJECTS_CONTENT_TYPE)
             .header("content-length", n)
             .body(reqwest::Body::wrap_stream(stream));
-        self.json(rb, n).await
+        self.json(rb, 0).await
     }
 
     /// Finish an upload: move `branch` from `expected` to `version` (which must be
@@ -613,6 +616,62 @@ impl HubClient {
     pub async fn rollback(&self, req: &RollbackRequest) -> Result<ChannelInfo> {
         self.send_json(Method::POST, &["channels", "rollback"], req)
             .await
+    }
+
+    pub async fn create_desktop(&self, req: &CreateDesktopRequest) -> Result<DesktopInfo> {
+        self.send_json(Method::POST, &["admin", "desktops"], req)
+            .await
+    }
+
+    /// Every desktop (operators), or those this point holds.
+    pub async fn desktops(&self) -> Result<Vec<DesktopInfo>> {
+        self.json(self.request(Method::GET, &["desktops"]), 0).await
+    }
+
+    pub async fn desktop(&self, name: &str) -> Result<DesktopInfo> {
+        self.json(self.request(Method::GET, &["desktops", name]), 0)
+            .await
+    }
+
+    pub async fn remove_desktop(&self, name: &str) -> Result<()> {
+        self.send(
+            self.request(Method::DELETE, &["admin", "desktops", name]),
+            0,
+        )
+        .await
+        .map(drop)
+    }
+
+    /// (Operators) hand desktop `name` to `point`; `force` takes it from its holder.
+    pub async fn transfer_desktop(
+        &self,
+        name: &str,
+        point: &str,
+        force: bool,
+    ) -> Result<DesktopInfo> {
+        let req = TransferRequest {
+            point: point.to_string(),
+            force,
+        };
+        self.send_json(Method::POST, &["admin", "desktops", name, "transfer"], &req)
+            .await
+    }
+
+    /// (Points) check desktop `name` out to this point; 409 names the holder.
+    pub async fn check_out(&self, name: &str) -> Result<DesktopInfo> {
+        self.json(
+            self.request(Method::POST, &["desktops", name, "checkout"]),
+            0,
+        )
+        .await
+    }
+
+    pub async fn check_in(&self, name: &str) -> Result<DesktopInfo> {
+        self.json(
+            self.request(Method::POST, &["desktops", name, "checkin"]),
+            0,
+        )
+        .await
     }
 
     /// The newest `limit` audit entries, newest first.

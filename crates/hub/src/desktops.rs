@@ -1,0 +1,345 @@
+//! Desktops: an OS disk that follows a channel, a user disk of its own, and one
+//! writer at a time.
+//!
+//! The user disk is an ordinary image on the hub (`desktops/NAME/user`), created
+//! with the desktop (empty, or a copy of a template that shares its blocks). A
+//! desktop is checked out to at most one point ([`crate::db::MetaDb::check_out`], a
+//! compare-and-set in one transaction with its audit entry); a second point is
+//! refused with the holder's name and last contact, and an operator's forced
+//! transfer moves it and bumps the desktop's epoch.
+//!
+//! **Access.** The holder may read the channel's image and read and write the user
+//! image's branches. A point that held the desktop before a transfer may still push,
+//! but only to `recovery/...` branches: its unsynced changes are kept as a named
+//! recovery version instead of being lost, and can never overwrite the new holder's
+//! `main`.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use strata_store::{CommitTarget, RefKind, WriteSession};
+use strata_sync::api::{CreateDesktopRequest, DesktopInfo, TransferRequest};
+
+use crate::db::{now, DesktopRow};
+use crate::routes::{blocking, require_admin, ApiError, ApiResult, AppState, Caller};
+use crate::Hub;
+
+/// The hub image of desktop `name`'s user disk.
+pub fn user_image(name: &str) -> String {
+    format!("desktops/{name}/user")
+}
+
+/// Branches a former holder may still push to.
+pub const RECOVERY_PREFIX: &str = "recovery/";
+
+fn conflict(msg: String) -> ApiError {
+    ApiError::new(StatusCode::CONFLICT, "conflict", msg)
+}
+
+fn no_desktop(name: &str) -> ApiError {
+    ApiError::not_found(format!("no desktop named {name:?}"))
+}
+
+/// The image and version the desktop's channel points at now.
+fn channel_now(hub: &Hub, channel: &str) -> ApiResult<Option<(String, String)>> {
+    Ok(hub
+        .db
+        .channel_log(channel)?
+        .pop()
+        .map(|e| (e.image, e.version)))
+}
+
+/// May point `p` read `image` because of a desktop it holds?
+pub(crate) fn may_read(hub: &Hub, p: &str, image: &str) -> ApiResult<bool> {
+    for d in hub.db.desktops_held_by(p)? {
+        if d.user_image == image {
+            return Ok(true);
+        }
+        if channel_now(hub, &d.channel)?.is_some_and(|(i, _)| i == image) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// For a desktop's user image: whether point `p` may write it (`None`: `image` is
+/// no desktop's, the ordinary ownership rules apply).
+pub(crate) fn may_write(hub: &Hub, p: &str, image: &str) -> ApiResult<Option<ApiResult<()>>> {
+    let Some(d) = hub.db.desktop_by_user_image(image)? else {
+        return Ok(None);
+    };
+    if d.holder.as_deref() == Some(p) || hub.db.held_before(&d.name, p)? {
+        return Ok(Some(Ok(())));
+    }
+    Ok(Some(Err(ApiError::forbidden(format!(
+        "point {p:?} does not hold desktop {:?}",
+        d.name
+    )))))
+}
+
+/// A point that no longer holds the desktop writes only recovery branches.
+pub(crate) fn check_branch(hub: &Hub, c: &Caller, image: &str, branch: &str) -> ApiResult<()> {
+    let Caller::Point(p) = c else { return Ok(()) };
+    let Some(d) = hub.db.desktop_by_user_image(image)? else {
+        return Ok(());
+    };
+    if d.holder.as_deref() == Some(p.as_str()) || branch.starts_with(RECOVERY_PREFIX) {
+        return Ok(());
+    }
+    Err(ApiError::forbidden(format!(
+        "desktop {:?} is checked out to {}; point {p:?} may push its changes only to a \
+         {RECOVERY_PREFIX}... branch",
+        d.name,
+        d.holder.as_deref().unwrap_or("no point")
+    )))
+}
+
+fn info(hub: &Hub, d: DesktopRow) -> ApiResult<DesktopInfo> {
+    let os = channel_now(hub, &d.channel)?;
+    let user = hub
+        .store
+        .get_ref(&d.user_image, RefKind::Branch, "main")
+        .ok()
+        .flatten();
+    let user_time = user.and_then(|v| hub.store.load_version(&v).ok().map(|v| v.time));
+    let holder_last_seen = match &d.holder {
+        Some(h) => hub.db.last_seen(h)?,
+        None => None,
+    };
+    Ok(DesktopInfo {
+        name: d.name,
+        channel: d.channel,
+        user_image: d.user_image,
+        created: d.created,
+        holder: d.holder,
+        holder_since: d.holder_since,
+        holder_last_seen,
+        epoch: d.epoch,
+        os_image: os.as_ref().map(|(i, _)| i.clone()),
+        os_version: os.map(|(_, v)| v),
+        user_version: user.map(|v| v.to_hex()),
+        user_time,
+    })
+}
+
+pub(crate) async fn create(
+    State(hub): State<AppState>,
+    c: Caller,
+    Json(req): Json<CreateDesktopRequest>,
+) -> ApiResult<Json<DesktopInfo>> {
+    require_admin(&c)?;
+    blocking(move || {
+        strata_store::validate_name(&req.name)?;
+        if hub.db.desktop(&req.name)?.is_some() {
+            return Err(conflict(format!("desktop {:?} exists", req.name)));
+        }
+        if hub.db.channel_log(&req.channel)?.is_empty() {
+            return Err(ApiError::not_found(format!(
+                "no channel named {:?} (publish a version to it first)",
+                req.channel
+            )));
+        }
+        let image = user_image(&req.name);
+        match (&req.template, req.size) {
+            (Some(t), None) => {
+                let (ti, rev) = t.split_once('@').unwrap_or((t.as_str(), "main"));
+                let v = hub.store.resolve(ti, Some(rev))?;
+                hub.store.clone_image(&image, &v)?;
+            }
+            (None, Some(size)) if size > 0 => {
+                let bs = req.block_size.unwrap_or(64 << 10);
+                let mut session = WriteSession::begin(&hub.store, "desktop create")?;
+                let mut draft = session.new_version(size, bs)?;
+                // Never written: reads as zeros and stores nothing (uniform subtrees
+                // are not even nodes).
+                let unwritten = vec![strata_store::Entry::Unwritten; 1 << 16];
+                let mut left = size.div_ceil(bs as u64);
+                while left > 0 {
+                    let n = left.min(unwritten.len() as u64) as usize;
+                    session.add_entries(&mut draft, &unwritten[..n])?;
+                    left -= n as u64;
+                }
+                session.commit(
+                    draft,
+                    &CommitTarget {
+                        image: image.clone(),
+                        branch: "main".into(),
+                        expected: None,
+                        create_image: true,
+                        parents: Vec::new(),
+                        author: c.actor(),
+                        message: format!("empty user disk of desktop {}", req.name),
+                    },
+                )?;
+            }
+            _ => {
+                return Err(ApiError::bad_request(
+                    "give the user disk a size (bytes > 0) or a template, not both",
+                ))
+            }
+        }
+        let row = DesktopRow {
+            name: req.name.clone(),
+            channel: req.channel.clone(),
+            user_image: image.clone(),
+            created: now(),
+            holder: None,
+            holder_since: None,
+            epoch: 0,
+        };
+        if !hub.db.create_desktop(&row)? {
+            let _ = hub.store.delete_image(&image);
+            return Err(conflict(format!("desktop {:?} exists", req.name)));
+        }
+        hub.db.audit(
+            &c.actor(),
+            "desktop.create",
+            &req.name,
+            &format!("channel {}, user disk {image}", req.channel),
+        )?;
+        Ok(Json(info(&hub, row)?))
+    })
+    .await
+}
+
+pub(crate) async fn list(
+    State(hub): State<AppState>,
+    c: Caller,
+) -> ApiResult<Json<Vec<DesktopInfo>>> {
+    blocking(move || {
+        let rows = match &c {
+            Caller::Admin => hub.db.desktops()?,
+            Caller::Point(p) => hub.db.desktops_held_by(p)?,
+        };
+        let out = rows
+            .into_iter()
+            .map(|d| info(&hub, d))
+            .collect::<ApiResult<_>>()?;
+        Ok(Json(out))
+    })
+    .await
+}
+
+pub(crate) async fn show(
+    State(hub): State<AppState>,
+    c: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<Json<DesktopInfo>> {
+    blocking(move || {
+        let d = hub.db.desktop(&name)?.ok_or_else(|| no_desktop(&name))?;
+        if let Caller::Point(p) = &c {
+            if d.holder.as_deref() != Some(p.as_str()) && !hub.db.held_before(&name, p)? {
+                return Err(ApiError::forbidden(format!(
+                    "point {p:?} does not hold desktop {name:?}"
+                )));
+            }
+        }
+        Ok(Json(info(&hub, d)?))
+    })
+    .await
+}
+
+pub(crate) async fn remove(
+    State(hub): State<AppState>,
+    c: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    require_admin(&c)?;
+    blocking(move || {
+        let d = hub.db.desktop(&name)?.ok_or_else(|| no_desktop(&name))?;
+        hub.db.delete_desktop(&name)?;
+        // Its versions go at the next gc.
+        match hub.store.delete_image(&d.user_image) {
+            Ok(()) | Err(strata_store::StoreError::NoSuchImage(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        hub.db.audit(&c.actor(), "desktop.rm", &name, "")?;
+        Ok(StatusCode::NO_CONTENT)
+    })
+    .await
+}
+
+fn held_elsewhere(hub: &Hub, d: &DesktopRow, hint: &str) -> ApiResult<ApiError> {
+    let holder = d.holder.clone().unwrap_or_default();
+    let seen = match hub.db.last_seen(&holder)? {
+        Some(t) => format!("last contact {}s ago", (now() - t).max(0)),
+        None => "never in contact".to_string(),
+    };
+    Ok(conflict(format!(
+        "desktop {} is checked out to point {holder} ({seen}){hint}",
+        d.name
+    )))
+}
+
+pub(crate) async fn check_out(
+    State(hub): State<AppState>,
+    c: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<Json<DesktopInfo>> {
+    let Caller::Point(p) = c.clone() else {
+        return Err(ApiError::bad_request(
+            "operators hand desktops over with transfer; a point checks out",
+        ));
+    };
+    blocking(move || {
+        if hub.db.desktop(&name)?.is_none() {
+            return Err(no_desktop(&name));
+        }
+        match hub.db.check_out(&name, &p, false, &c.actor())? {
+            Ok(d) => Ok(Json(info(&hub, d)?)),
+            Err(d) => Err(held_elsewhere(
+                &hub,
+                &d,
+                "; an operator can move it with `strata desktop transfer --force`",
+            )?),
+        }
+    })
+    .await
+}
+
+pub(crate) async fn check_in(
+    State(hub): State<AppState>,
+    c: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<Json<DesktopInfo>> {
+    let Caller::Point(p) = c else {
+        return Err(ApiError::bad_request("only the holding point checks in"));
+    };
+    blocking(move || {
+        let d = hub.db.desktop(&name)?.ok_or_else(|| no_desktop(&name))?;
+        if !hub.db.check_in(&name, &p)? {
+            return Err(ApiError::forbidden(format!(
+                "point {p:?} does not hold desktop {name:?} (holder: {})",
+                d.holder.as_deref().unwrap_or("none")
+            )));
+        }
+        let d = hub.db.desktop(&name)?.ok_or_else(|| no_desktop(&name))?;
+        Ok(Json(info(&hub, d)?))
+    })
+    .await
+}
+
+pub(crate) async fn transfer(
+    State(hub): State<AppState>,
+    c: Caller,
+    Path(name): Path<String>,
+    Json(req): Json<TransferRequest>,
+) -> ApiResult<Json<DesktopInfo>> {
+    require_admin(&c)?;
+    blocking(move || {
+        if hub.db.desktop(&name)?.is_none() {
+            return Err(no_desktop(&name));
+        }
+        if !hub.db.point_exists(&req.point)? {
+            return Err(ApiError::not_found(format!(
+                "no point named {:?}",
+                req.point
+            )));
+        }
+        match hub.db.check_out(&name, &req.point, req.force, &c.actor())? {
+            Ok(d) => Ok(Json(info(&hub, d)?)),
+            Err(d) => Err(held_elsewhere(&hub, &d, "; add --force to take it")?),
+        }
+    })
+    .await
+}

@@ -1,0 +1,194 @@
+//! Desktops on a hub over loopback: creation, one writer at a time, what the holder
+//! may read and write, forced transfer with the old holder's recovery branch, and
+//! the audit trail.
+
+mod common;
+
+use common::*;
+use strata_store::RefKind;
+use strata_sync::api::{CreateDesktopRequest, PublishRequest};
+use strata_sync::transfer::Expect;
+use strata_sync::{PullOptions, PushOptions, SyncError};
+
+const USER: &str = "desktops/d1/user";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_writer_per_desktop_and_recovery_after_a_forced_transfer() {
+    let env = Env::new().await;
+    let hub_store = env.hub_store();
+    let gold: Vec<Vec<u8>> = (0..40).map(block).collect();
+    commit(&hub_store, "gold", &gold, None);
+    let admin = env.admin();
+    admin
+        .publish(&PublishRequest {
+            channel: "gold/production".into(),
+            image: "gold".into(),
+            rev: "main".into(),
+            expected_seq: None,
+        })
+        .await
+        .unwrap();
+    let create = |name: &str, size: Option<u64>, template: Option<&str>| CreateDesktopRequest {
+        name: name.into(),
+        channel: "gold/production".into(),
+        size,
+        template: template.map(str::to_string),
+        block_size: Some(BS),
+    };
+    let d = admin
+        .create_desktop(&create("d1", Some(40 * BS as u64), None))
+        .await
+        .unwrap();
+    assert_eq!(d.user_image, USER);
+    assert_eq!(d.holder, None);
+    assert!(d.os_version.is_some() && d.user_version.is_some());
+    // A template shares its blocks; a taken name, a missing channel and a desktop
+    // without a disk are refused.
+    let t = admin
+        .create_desktop(&create("d2", None, Some("gold@main")))
+        .await
+        .unwrap();
+    assert_eq!(t.user_version, d.os_version);
+    for (req, status) in [
+        (create("d1", Some(4096), None), 409),
+        (create("d3", None, None), 400),
+        (
+            CreateDesktopRequest {
+                channel: "nope".into(),
+                ..create("d4", Some(4096), None)
+            },
+            404,
+        ),
+    ] {
+        let err = admin.create_desktop(&req).await.unwrap_err();
+        let got = match &err {
+            SyncError::Conflict(_) => 409,
+            SyncError::Hub { status, .. } => *status,
+            _ => 0,
+        };
+        assert_eq!(got, status, "{err}");
+    }
+
+    let (c1, c2) = (env.enroll("p1").await, env.enroll("p2").await);
+    let (p1, p2) = (env.client(Some(&c1)), env.client(Some(&c2)));
+    // Not checked out: no access to the user disk.
+    let err = p1.image(USER).await.unwrap_err();
+    assert!(matches!(err, SyncError::Forbidden(_)), "{err}");
+    let got = p1.check_out("d1").await.unwrap();
+    assert_eq!(got.holder.as_deref(), Some("p1"));
+    assert_eq!(
+        p1.check_out("d1").await.unwrap().epoch,
+        got.epoch,
+        "idempotent"
+    );
+    let err = p2.check_out("d1").await.unwrap_err();
+    assert!(
+        matches!(&err, SyncError::Conflict(m) if m.contains("checked out to point p1") && m.contains("last contact")),
+        "{err}"
+    );
+    assert_eq!(p1.desktops().await.unwrap().len(), 1);
+    assert!(p2.desktops().await.unwrap().is_empty());
+
+    // The holder reads the OS image and the user disk, and writes the user disk.
+    let s1 = env.point_store("p1");
+    strata_sync::pull(&s1, &p1, "gold", "main", &PullOptions::default())
+        .await
+        .unwrap();
+    strata_sync::pull(&s1, &p1, USER, "main", &PullOptions::default())
+        .await
+        .unwrap();
+    let base = s1.get_ref(USER, RefKind::Branch, "main").unwrap().unwrap();
+    let mut user: Vec<Vec<u8>> = (0..40).map(|_| Vec::new()).collect();
+    user[3] = block(1003);
+    let synced = commit(&s1, USER, &user, Some(base));
+    strata_sync::push(&s1, &p1, USER, "main", &synced, &PushOptions::default())
+        .await
+        .unwrap();
+    // p2 may not read it, nor write what it does not hold.
+    let err = p2.image(USER).await.unwrap_err();
+    assert!(matches!(err, SyncError::Forbidden(_)), "{err}");
+    let s2 = env.point_store("p2");
+    let err = strata_sync::pull(&s2, &p2, "gold", "main", &PullOptions::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SyncError::Forbidden(_)), "{err}");
+
+    // p1 keeps working without syncing; then the laptop is lost: forced transfer.
+    user[5] = block(1005);
+    let unsynced = commit(&s1, USER, &user, Some(synced));
+    let err = admin.transfer_desktop("d1", "p2", false).await.unwrap_err();
+    assert!(
+        matches!(&err, SyncError::Conflict(m) if m.contains("--force")),
+        "{err}"
+    );
+    let moved = admin.transfer_desktop("d1", "p2", true).await.unwrap();
+    assert_eq!(moved.holder.as_deref(), Some("p2"));
+    assert!(moved.epoch > got.epoch);
+    // p2 sees p1's last synced state.
+    strata_sync::pull(&s2, &p2, USER, "main", &PullOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        s2.get_ref(USER, RefKind::Branch, "main").unwrap(),
+        Some(synced)
+    );
+    assert_eq!(version_bytes(&s2, &synced), version_bytes(&s1, &synced));
+    // p1 can no longer read the user disk (a lost laptop must not see new data) nor
+    // move main, but keeps its tail as a recovery version.
+    let err = p1.image(USER).await.unwrap_err();
+    assert!(matches!(err, SyncError::Forbidden(_)), "{err}");
+    let onto_main = PushOptions {
+        expected: Expect::Value(Some(synced)),
+        ..PushOptions::default()
+    };
+    let err = strata_sync::push(&s1, &p1, USER, "main", &unsynced, &onto_main)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, SyncError::Forbidden(m) if m.contains("recovery/")),
+        "{err}"
+    );
+    let push = PushOptions {
+        expected: Expect::Value(None),
+        ..PushOptions::default()
+    };
+    strata_sync::push(&s1, &p1, USER, "recovery/p1", &unsynced, &push)
+        .await
+        .unwrap();
+    let hub_user = admin.image(USER).await.unwrap();
+    let rec = hub_user
+        .branches
+        .iter()
+        .find(|b| b.name == "recovery/p1")
+        .unwrap();
+    assert_eq!(rec.version, unsynced.to_hex());
+    assert_eq!(
+        hub_user
+            .branches
+            .iter()
+            .find(|b| b.name == "main")
+            .unwrap()
+            .version,
+        synced.to_hex(),
+        "the recovery push left main alone"
+    );
+    // Check-in releases; then p1 may check out again.
+    let err = p1.check_in("d1").await.unwrap_err();
+    assert!(matches!(err, SyncError::Forbidden(_)), "{err}");
+    p2.check_in("d1").await.unwrap();
+    p1.check_out("d1").await.unwrap();
+
+    let audit = admin.audit(100).await.unwrap();
+    let actions: Vec<&str> = audit.iter().rev().map(|a| a.action.as_str()).collect();
+    for a in [
+        "desktop.create",
+        "desktop.checkout",
+        "desktop.transfer",
+        "desktop.checkin",
+    ] {
+        assert!(actions.contains(&a), "{a} not in {actions:?}");
+    }
+    admin.remove_desktop("d2").await.unwrap();
+    assert_eq!(admin.desktops().await.unwrap().len(), 1);
+    verify_clean(&hub_store);
+}
