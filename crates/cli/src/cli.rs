@@ -112,6 +112,9 @@ pub enum Command {
     /// Release channels of gold images on a hub (win11/dev, win11/production, ...).
     #[command(subcommand)]
     Channel(ChannelCommand),
+    /// Desktops on a hub: an OS disk following a channel plus a user disk.
+    #[command(subcommand)]
+    Desktop(DesktopCommand),
     /// Run a hub (the data centre's image service) and administer it.
     #[command(subcommand)]
     Hub(HubCommand),
@@ -259,6 +262,51 @@ pub enum ChannelCommand {
     },
     /// Every channel and where it points.
     Ls {
+        #[command(flatten)]
+        access: HubAccess,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DesktopCommand {
+    /// Make desktop NAME following CHANNEL, with an empty user disk of --size or a
+    /// copy of --template.
+    Create {
+        name: String,
+        #[arg(long)]
+        channel: String,
+        /// Size of an empty user disk (e.g. 20G).
+        #[arg(long, value_parser = parse_size, conflicts_with = "template")]
+        size: Option<u64>,
+        /// IMAGE@REV on the hub to start the user disk from.
+        #[arg(long, value_name = "IMAGE@REV")]
+        template: Option<String>,
+        #[command(flatten)]
+        access: HubAccess,
+    },
+    /// Every desktop: channel, versions, holder.
+    Ls {
+        #[command(flatten)]
+        access: HubAccess,
+    },
+    /// One desktop in detail.
+    Show {
+        name: String,
+        #[command(flatten)]
+        access: HubAccess,
+    },
+    /// Delete a desktop and its user disk (reclaimed by the hub's next gc).
+    Rm {
+        name: String,
+        #[command(flatten)]
+        access: HubAccess,
+    },
+    /// Hand desktop NAME to POINT; --force takes it from the point holding it.
+    Transfer {
+        name: String,
+        point: String,
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         access: HubAccess,
     },

@@ -158,6 +158,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Session(c) => session(&ctx, c),
         Command::Bundle(c) => crate::bundle_cmd::run(&ctx, c),
         Command::Channel(c) => crate::channel_cmd::run(&ctx, c),
+        Command::Desktop(c) => crate::desktop_cmd::run(&ctx, c),
         Command::Hub(c) => crate::hub_cmd::run(&ctx, c),
         Command::Point(c) => crate::point_cmd::run(&ctx, c),
     }

@@ -9,6 +9,7 @@ mod bundle_cmd;
 mod channel_cmd;
 mod cli;
 mod commands;
+mod desktop_cmd;
 mod export;
 mod hub_cmd;
 mod import;
