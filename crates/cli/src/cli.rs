@@ -455,6 +455,32 @@ pub enum PointCommand {
     Sync,
     /// Hub, last sync, and per session: base, local tip, hub tip, pending versions.
     Status,
+    /// Desktops on this point: check out, prepare both disks, start, stop.
+    #[command(subcommand)]
+    Desktop(PointDesktopCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PointDesktopCommand {
+    /// Check desktop NAME out to this point, make its OS disk (the channel's version,
+    /// switched when the channel moved) and user disk ready, and print the qemu
+    /// command that attaches them through the agent's NBD socket.
+    Start {
+        name: String,
+        /// The Unix socket `strata point run --socket` serves on.
+        #[arg(long, value_name = "PATH")]
+        socket: PathBuf,
+        /// Run the qemu command instead of printing it.
+        #[arg(long)]
+        exec: bool,
+        /// Memory for the VM (qemu -m).
+        #[arg(long, default_value = "2048")]
+        memory: String,
+    },
+    /// Commit the user disk and push it to the hub (the desktop stays checked out).
+    Stop { name: String },
+    /// Stop, then release the desktop so another point may check it out.
+    Checkin { name: String },
 }
 
 #[derive(Subcommand, Debug)]

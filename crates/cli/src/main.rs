@@ -15,6 +15,7 @@ mod hub_cmd;
 mod import;
 mod output;
 mod point_cmd;
+mod point_desktop;
 mod quickstart;
 mod serve;
 mod session;

@@ -36,7 +36,7 @@ use crate::output::{bytes, print_json, spinner, time};
 use crate::serve::{self, session_dir, ServeArgs, StoreExports};
 use crate::spec::rev_spec;
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -99,12 +99,13 @@ pub fn run(ctx: &Ctx, cmd: PointCommand) -> Result<ExitCode> {
             !no_prefetch,
         )?,
         PointCommand::Sync => return sync(ctx),
+        PointCommand::Desktop(c) => return crate::point_desktop::run(ctx, c),
         PointCommand::Status => status(ctx)?,
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn open_point(ctx: &Ctx) -> Result<(Arc<Store>, Arc<Point>)> {
+pub(crate) fn open_point(ctx: &Ctx) -> Result<(Arc<Store>, Arc<Point>)> {
     let store = ctx.open()?;
     let point = Arc::new(Point::open(store.clone())?);
     Ok((store, point))
@@ -189,7 +190,52 @@ fn pull(ctx: &Ctx, spec: &str, attempts: u32, seed: Option<&Path>) -> Result<()>
     Ok(())
 }
 
+/// What `point attach` did.
+#[derive(serde::Serialize)]
+pub(crate) struct AttachReport {
+    pub(crate) session: String,
+    pub(crate) image: String,
+    pub(crate) branch: String,
+    pub(crate) base: String,
+    pub(crate) origin: String,
+    /// Set while the base is streamed from the hub.
+    pub(crate) streaming: Option<strata_point::LazyProgress>,
+    /// A running agent serves it already.
+    pub(crate) agent: bool,
+    pub(crate) wire_received: u64,
+}
+
 fn attach(ctx: &Ctx, spec: &str, name: &str) -> Result<()> {
+    let r = attach_session(ctx, spec, name, false)?;
+    if ctx.json {
+        print_json(&r);
+    } else {
+        println!(
+            "session {name} over {} ({}); {} on the wire; commits go to {name}:main and the hub's {name}{}",
+            r.origin,
+            &r.base[..12],
+            bytes(r.wire_received),
+            match &r.streaming {
+                Some(p) => format!(
+                    "; streaming {} blocks from the hub{}",
+                    p.blocks_total - p.blocks_local,
+                    if r.agent { " (the agent serves it now)" } else { " when `point run` serves it" }
+                ),
+                None => String::new(),
+            }
+        );
+    }
+    Ok(())
+}
+
+/// Attach session `name` over `spec` of the hub (see [`PointCommand::Attach`]); a
+/// `disposable` one (a desktop's OS disk) is never committed or pushed.
+pub(crate) fn attach_session(
+    ctx: &Ctx,
+    spec: &str,
+    name: &str,
+    disposable: bool,
+) -> Result<AttachReport> {
     let (store, point) = open_point(ctx)?;
     strata_store::validate_name(name)?;
     if store.disk_sessions()?.iter().any(|s| s.name == name)
@@ -263,55 +309,44 @@ fn attach(ctx: &Ctx, spec: &str, name: &str) -> Result<()> {
             origin: format!("{}@{rev}", s.image),
             origin_version: base.to_hex(),
             lazy: lazy.clone(),
+            disposable,
             ..SessionState::default()
         },
     )?;
     // A running agent starts serving (and prefetching) it now.
-    let adopted = lazy.is_some() && {
-        match UnixStream::connect(point.control_path()) {
-            Ok(mut c) => {
-                let req = serde_json::json!({"op": "adopt", "session": name});
-                c.write_all(format!("{req}\n").as_bytes())?;
-                let mut reply = String::new();
-                BufReader::new(c).read_line(&mut reply)?;
-                let v: serde_json::Value = serde_json::from_str(&reply).unwrap_or_default();
-                if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
-                    bail!("the running agent could not take session {name}: {e}");
-                }
-                true
-            }
-            Err(_) => false,
-        }
+    let adopted = lazy.is_some()
+        && agent_call(&point, serde_json::json!({"op": "adopt", "session": name}))
+            .with_context(|| format!("the running agent could not take session {name}"))?
+            .is_some();
+    Ok(AttachReport {
+        session: name.to_string(),
+        image: name.to_string(),
+        branch: "main".into(),
+        base: base.to_hex(),
+        origin: format!("{}@{rev}", s.image),
+        streaming: lazy,
+        agent: adopted,
+        wire_received: point.client().wire().received - wire0,
+    })
+}
+
+/// Send one request to the running agent (`None`: no agent runs); its error
+/// answers become errors.
+pub(crate) fn agent_call(
+    point: &Point,
+    req: serde_json::Value,
+) -> Result<Option<serde_json::Value>> {
+    let Ok(mut c) = UnixStream::connect(point.control_path()) else {
+        return Ok(None);
     };
-    let fetched = point.client().wire().received - wire0;
-    if ctx.json {
-        print_json(&serde_json::json!({
-            "session": name,
-            "image": name,
-            "branch": "main",
-            "base": base.to_hex(),
-            "origin": format!("{}@{rev}", s.image),
-            "streaming": lazy,
-            "agent": adopted,
-            "wire_received": fetched,
-        }));
-    } else {
-        println!(
-            "session {name} over {}@{rev} ({}); {} on the wire{}; commits go to {name}:main and the hub's {name}",
-            s.image,
-            base.short(),
-            bytes(fetched),
-            match &lazy {
-                Some(p) => format!(
-                    "; streaming {} blocks from the hub{}",
-                    p.blocks_total - p.blocks_local,
-                    if adopted { " (the agent serves it now)" } else { " when `point run` serves it" }
-                ),
-                None => String::new(),
-            }
-        );
+    c.write_all(format!("{req}\n").as_bytes())?;
+    let mut reply = String::new();
+    BufReader::new(c).read_line(&mut reply)?;
+    let v: serde_json::Value = serde_json::from_str(&reply).context("reading the agent's reply")?;
+    if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+        bail!("{e}");
     }
-    Ok(())
+    Ok(Some(v))
 }
 
 /// The agent's sessions whose bases are still streamed from the hub.
@@ -395,6 +430,15 @@ impl Streaming {
     }
 }
 
+impl Streaming {
+    /// Stop serving session `name` (refused while a VM is connected to it).
+    fn release(&self, name: &str) -> Result<()> {
+        self.exports.release_session(name)?;
+        self.held.lock().unwrap().retain(|(n, _)| n != name);
+        Ok(())
+    }
+}
+
 /// Commits through the agent's open disks (clients stay connected).
 struct AgentCommitter {
     store: Arc<Store>,
@@ -450,7 +494,30 @@ fn log_round(r: &SyncReport) {
     }
 }
 
-async fn sync_loop(point: Arc<Point>, committer: Arc<AgentCommitter>, interval: Duration) {
+/// Stop serving the desktops a sync round found checked out elsewhere (their
+/// changes are on the hub as recovery versions).
+fn stop_lost(streaming: &Streaming, r: &SyncReport) {
+    for s in r.sessions.iter().filter(|s| s.recovered.is_some()) {
+        // Its writes up to this round's commit are in the recovery version; the
+        // session itself goes, so no VM can write to it again here.
+        let _ = streaming.exports.release_session(&s.session);
+        streaming
+            .held
+            .lock()
+            .unwrap()
+            .retain(|(n, _)| n != &s.session);
+        if let Err(e) = crate::session::remove(&streaming.store, &s.session) {
+            tracing::warn!(session = %s.session, error = %e, "could not remove a lost desktop's session");
+        }
+    }
+}
+
+async fn sync_loop(
+    point: Arc<Point>,
+    committer: Arc<AgentCommitter>,
+    streaming: Arc<Streaming>,
+    interval: Duration,
+) {
     let mut failures = 0u32;
     loop {
         // After a failure, try again sooner than the interval but back off: 2 s, 4 s,
@@ -463,6 +530,7 @@ async fn sync_loop(point: Arc<Point>, committer: Arc<AgentCommitter>, interval: 
         tokio::time::sleep(wait).await;
         let r = point.sync(&*committer).await;
         log_round(&r);
+        stop_lost(&streaming, &r);
         if r.ok {
             failures = 0;
         } else {
@@ -494,7 +562,15 @@ fn control_loop(
                 Ok(v) if v["op"] == "sync" => {
                     let r = rt.block_on(point.sync(&*committer));
                     log_round(&r);
+                    stop_lost(&streaming, &r);
                     serde_json::to_value(r).unwrap_or_default()
+                }
+                Ok(v) if v["op"] == "release" => {
+                    let name = v["session"].as_str().unwrap_or_default();
+                    match streaming.release(name) {
+                        Ok(()) => serde_json::json!({"released": name}),
+                        Err(e) => serde_json::json!({"error": format!("{e:#}")}),
+                    }
                 }
                 Ok(v) if v["op"] == "adopt" => {
                     let name = v["session"].as_str().unwrap_or_default();
@@ -540,10 +616,6 @@ fn agent(
     // The sync loop has a runtime of its own: a slow hub never holds up NBD.
     let rt = runtime()?;
     let handle = rt.handle().clone();
-    {
-        let (point, committer) = (point.clone(), committer.clone());
-        std::thread::spawn(move || rt.block_on(sync_loop(point, committer, interval)));
-    }
     let streaming = Arc::new(Streaming {
         store: store.clone(),
         point: point.clone(),
@@ -554,6 +626,10 @@ fn agent(
         prefetch,
         rt: handle.clone(),
     });
+    {
+        let (point, committer, streaming) = (point.clone(), committer.clone(), streaming.clone());
+        std::thread::spawn(move || rt.block_on(sync_loop(point, committer, streaming, interval)));
+    }
     for (name, s) in point.state()?.sessions {
         if s.lazy.is_some() {
             streaming
@@ -581,7 +657,21 @@ fn agent(
     r
 }
 
-fn sync(ctx: &Ctx) -> Result<ExitCode> {
+/// One sync round (through the agent if it runs), reported only by its outcome:
+/// true if every session is committed and on the hub.
+pub(crate) fn sync_quiet(ctx: &Ctx) -> Result<bool> {
+    let (store, point) = open_point(ctx)?;
+    if let Some(v) = agent_call(&point, serde_json::json!({"op": "sync"}))? {
+        return Ok(v["ok"] == true);
+    }
+    let committer = LocalCommitter {
+        store,
+        author: format!("{} ({})", default_author(), point.config().point),
+    };
+    Ok(runtime()?.block_on(point.sync(&committer)).ok)
+}
+
+pub(crate) fn sync(ctx: &Ctx) -> Result<ExitCode> {
     let (store, point) = open_point(ctx)?;
     let report: SyncReport = match UnixStream::connect(point.control_path()) {
         Ok(mut s) => {

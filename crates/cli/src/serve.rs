@@ -91,6 +91,15 @@ impl StoreExports {
         self.sessions.lock().unwrap().insert(name.to_string(), disk);
     }
 
+    /// Stop serving session `name` (so it can be removed or replaced); refused while
+    /// a client is connected to it. True if it was open.
+    pub fn release_session(&self, name: &str) -> Result<bool> {
+        if let Some(n) = self.clients.lock().unwrap().get(name) {
+            anyhow::bail!("session {name} has {n} connected client(s); stop the VM first");
+        }
+        Ok(self.sessions.lock().unwrap().remove(name).is_some())
+    }
+
     /// The open session `name`, opening it on first use.
     pub fn session(&self, name: &str) -> Result<Arc<SessionDisk>> {
         let mut open = self.sessions.lock().unwrap();

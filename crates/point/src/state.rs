@@ -31,6 +31,10 @@ pub struct SessionState {
     /// lazily): sync rounds do not commit the session until it is local.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lazy: Option<crate::lazy::LazyProgress>,
+    /// A desktop's OS disk: its writes are thrown away when the channel moves, so
+    /// sync rounds neither commit nor push it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub disposable: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

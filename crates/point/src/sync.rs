@@ -62,7 +62,14 @@ pub struct SessionSync {
     /// The error is worth retrying (the hub or the link failed).
     #[serde(skip)]
     pub transient: bool,
+    /// The session was a desktop's user disk now checked out elsewhere: its local
+    /// changes went to this hub branch, and the point no longer syncs it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recovered: Option<String>,
 }
+
+/// Images of desktops' disks on the hub (`desktops/NAME/user`).
+pub const DESKTOP_IMAGE_PREFIX: &str = "desktops/";
 
 /// A sync round.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -188,6 +195,16 @@ impl Point {
 
     fn update_state(&self, f: impl FnOnce(&mut PointState)) -> Result<()> {
         let _g = self.state_lock.lock().unwrap_or_else(|p| p.into_inner());
+        // And across processes: the agent records progress while a command (attach,
+        // desktop start) records sessions; neither may lose the other's change.
+        let lock_path = self.root.join("point-state.lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err(&lock_path))?;
+        lock.lock().map_err(io_err(&lock_path))?;
         let mut st = PointState::load(&self.root)?;
         f(&mut st);
         st.save(&self.root)
@@ -312,6 +329,9 @@ impl Point {
                 branch: s.branch.clone(),
                 ..SessionSync::default()
             };
+            if s.disposable {
+                continue;
+            }
             if let Some(l) = &s.lazy {
                 // A version over a partial base would break the store's invariants:
                 // the writes wait, durable in the session's delta.
@@ -337,6 +357,22 @@ impl Point {
                 Ok((tip, pushed)) => {
                     r.hub_tip = tip;
                     r.pushed = pushed;
+                }
+                // A desktop handed to another point: keep this point's changes as a
+                // recovery version and stop syncing it (the caller stops serving it).
+                Err(PointError::Sync(SyncError::Forbidden(why)))
+                    if s.image.starts_with(DESKTOP_IMAGE_PREFIX) =>
+                {
+                    match self.recover(&name, &s).await {
+                        Ok(branch) => {
+                            tracing::warn!(session = %name, %why, %branch, "desktop lost; changes kept on the hub");
+                            r.recovered = Some(branch);
+                        }
+                        Err(e) => {
+                            r.transient = e.is_transient();
+                            r.error = Some(e.to_string());
+                        }
+                    }
                 }
                 Err(e) => {
                     r.transient = e.is_transient();
@@ -365,6 +401,32 @@ impl Point {
             tracing::warn!(error = %e, "could not record the sync round");
         }
         report
+    }
+
+    /// Push the local tip of a desktop's user disk that this point no longer holds to
+    /// a new `recovery/POINT-TIME` branch on the hub, then forget the session.
+    async fn recover(&self, name: &str, s: &SessionState) -> Result<String> {
+        let Some(tip) = self.store.get_ref(&s.image, RefKind::Branch, &s.branch)? else {
+            return Err(PointError::Invalid(format!(
+                "local branch {}:{} is gone",
+                s.image, s.branch
+            )));
+        };
+        let branch = format!("recovery/{}-{}", self.config.point, now());
+        strata_sync::push(
+            &self.store,
+            &self.client,
+            &s.image,
+            &branch,
+            &tip,
+            &PushOptions {
+                expected: Expect::Value(None),
+                ..PushOptions::default()
+            },
+        )
+        .await?;
+        self.forget_session(name)?;
+        Ok(branch)
     }
 
     /// Push the local tip of a session's branch if the hub (as far as we know) lacks

@@ -349,6 +349,15 @@ impl HubClient {
     /// for what a failure leaves.
     pub async fn download(&self, image: &str, wants: &[Want], bases: &dyn BaseSource) -> Download {
         let mut out = Download::default();
+        // Each object once: a disk often repeats a block (one id at many places), and
+        // the hub sends every id asked for, so a repeat would arrive twice.
+        let mut seen = std::collections::HashSet::new();
+        let wants: Vec<Want> = wants
+            .iter()
+            .filter(|w| seen.insert(w.id))
+            .copied()
+            .collect();
+        let wants = wants.as_slice();
         let body = encode_wants(wants);
         let n = body.len();
         let rb = self
