@@ -301,6 +301,23 @@ pub enum DesktopCommand {
         #[command(flatten)]
         access: HubAccess,
     },
+    /// Roll NAME's user disk back to a restore point (the current state stays one:
+    /// restoring to it undoes this).
+    Restore {
+        name: String,
+        /// A time (RFC 3339 or Unix seconds: the newest restore point at or before
+        /// it) or a version of the user disk.
+        #[arg(long, value_name = "TIME|VERSION")]
+        to: String,
+        #[command(flatten)]
+        access: HubAccess,
+    },
+    /// The kept versions of NAME's user disk, newest first.
+    RestorePoints {
+        name: String,
+        #[command(flatten)]
+        access: HubAccess,
+    },
     /// Hand desktop NAME to POINT; --force takes it from the point holding it.
     Transfer {
         name: String,
@@ -348,6 +365,10 @@ pub enum HubCommand {
         /// Allow plain HTTP on an address that is not loopback.
         #[arg(long)]
         insecure: bool,
+        /// Restore points of desktops' user disks to keep, e.g.
+        /// `last=1,hourly=24,daily=30,monthly=12` (the default).
+        #[arg(long, value_name = "POLICY")]
+        retention: Option<String>,
     },
     /// Make a one-time enrolment token for a point called NAME.
     Enroll {

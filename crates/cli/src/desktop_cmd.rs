@@ -118,6 +118,29 @@ pub fn run(ctx: &Ctx, cmd: DesktopCommand) -> Result<ExitCode> {
                 println!("desktop {name} removed (its user disk goes at the hub's next gc)");
             }
         }
+        DesktopCommand::Restore { name, to, access } => {
+            let r = rt.block_on(admin_client(&access)?.restore_desktop(&name, &to))?;
+            if ctx.json {
+                print_json(&r);
+            } else {
+                println!(
+                    "{name}: user disk restored to {} as {} (undo: --to {})",
+                    &r.restored_from[..12],
+                    &r.version[..12],
+                    &r.previous[..12]
+                );
+            }
+        }
+        DesktopCommand::RestorePoints { name, access } => {
+            let list = rt.block_on(admin_client(&access)?.restore_points(&name))?;
+            if ctx.json {
+                print_json(&list);
+            } else {
+                for rp in list {
+                    println!("{}  {}", time(rp.time), &rp.version[..12]);
+                }
+            }
+        }
         DesktopCommand::Transfer {
             name,
             point,

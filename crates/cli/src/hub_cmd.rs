@@ -100,7 +100,15 @@ pub fn run(ctx: &Ctx, cmd: HubCommand) -> Result<ExitCode> {
             tls_cert,
             tls_key,
             insecure,
-        } => hub_run(ctx, &dir, &listen, tls_cert.zip(tls_key), insecure)?,
+            retention,
+        } => hub_run(
+            ctx,
+            &dir,
+            &listen,
+            tls_cert.zip(tls_key),
+            insecure,
+            retention.as_deref(),
+        )?,
         HubCommand::Enroll { name, access } => {
             let client = admin_client(&access)?;
             let t = runtime()?.block_on(client.create_enrollment(&name))?;
@@ -222,10 +230,14 @@ fn hub_run(
     listen: &str,
     tls: Option<(PathBuf, PathBuf)>,
     insecure: bool,
+    retention: Option<&str>,
 ) -> Result<()> {
     let mut cfg = strata_hub::HubConfig::new(dir, parse_listen(listen)?);
     cfg.tls = tls;
     cfg.insecure = insecure;
+    if let Some(r) = retention {
+        cfg.retention = r.parse().map_err(|e| anyhow!("--retention {r:?}: {e}"))?;
+    }
     let rt = runtime()?;
     rt.block_on(async {
         let running = strata_hub::start(cfg).await?;

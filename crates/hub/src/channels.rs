@@ -16,14 +16,14 @@
 //! forth between two versions.
 //!
 //! **gc.** Each entry's version is held in the hub's store by a tag
-//! `channel/<channel>/<seq>` on its image, made before the entry is appended (and
-//! removed if the append loses), so every version a channel has pointed at stays
-//! restorable; a crash between the two leaves only an extra tag.
+//! `channel/<channel>/<seq>.<nonce>` on its image, made before the entry is appended
+//! (and removed if the append loses), so every version a channel has pointed at
+//! stays restorable; a crash between the two leaves only an extra tag.
 
 use axum::extract::{Query, State};
 use axum::Json;
 use serde::Deserialize;
-use strata_store::{RefKind, StoreError, VersionId};
+use strata_store::{RefKind, VersionId};
 use strata_sync::api::{
     ChannelInfo, ChannelLogEntry, PromoteRequest, PublishRequest, RollbackRequest,
 };
@@ -91,15 +91,11 @@ fn move_channel(
             }
         }
         let (image, vid, detail) = target(&log)?;
-        let tag = format!("channel/{channel}/{}", seq + 1);
-        // A tag of that name is left by a crash between tagging and appending.
-        match hub.store.create_ref(&image, RefKind::Tag, &tag, &vid) {
-            Err(StoreError::RefExists { .. }) => {
-                hub.store.delete_ref(&image, RefKind::Tag, &tag)?;
-                hub.store.create_ref(&image, RefKind::Tag, &tag, &vid)?;
-            }
-            r => r?,
-        }
+        // Unique to this attempt: operators racing for the same sequence number each
+        // tag, the losers remove only their own tags.
+        let nonce = &crate::random_secret("")[..8];
+        let tag = format!("channel/{channel}/{}.{nonce}", seq + 1);
+        hub.store.create_ref(&image, RefKind::Tag, &tag, &vid)?;
         let entry = ChannelLogEntry {
             seq: seq + 1,
             time: now(),

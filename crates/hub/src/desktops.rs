@@ -18,7 +18,10 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use strata_store::{CommitTarget, RefKind, WriteSession};
-use strata_sync::api::{CreateDesktopRequest, DesktopInfo, TransferRequest};
+use strata_sync::api::{
+    CreateDesktopRequest, DesktopInfo, RestorePoint, RestoreRequest, RestoreResponse,
+    TransferRequest,
+};
 
 use crate::db::{now, DesktopRow};
 use crate::routes::{blocking, require_admin, ApiError, ApiResult, AppState, Caller};
@@ -191,6 +194,11 @@ pub(crate) async fn create(
             let _ = hub.store.delete_image(&image);
             return Err(conflict(format!("desktop {:?} exists", req.name)));
         }
+        // Its history lives as restore points (see crate::retention).
+        hub.store.set_history_by_refs(&image, true)?;
+        if let Some(v) = hub.store.get_ref(&image, RefKind::Branch, "main")? {
+            after_main_moved(&hub, &image, "main", &v)?;
+        }
         hub.db.audit(
             &c.actor(),
             "desktop.create",
@@ -340,6 +348,131 @@ pub(crate) async fn transfer(
             Ok(d) => Ok(Json(info(&hub, d)?)),
             Err(d) => Err(held_elsewhere(&hub, &d, "; add --force to take it")?),
         }
+    })
+    .await
+}
+
+/// After a desktop's user disk moved its `main` to `v`: tag `v` as a restore point
+/// and prune the restore points by the hub's retention policy.
+pub(crate) fn after_main_moved(
+    hub: &Hub,
+    image: &str,
+    branch: &str,
+    v: &strata_store::VersionId,
+) -> ApiResult<()> {
+    if branch != "main" || hub.db.desktop_by_user_image(image)?.is_none() {
+        return Ok(());
+    }
+    crate::retention::add_restore_point(&hub.store, image, v)?;
+    let pruned = crate::retention::prune(&hub.store, image, &hub.retention)?;
+    if pruned > 0 {
+        tracing::info!(%image, pruned, "restore points pruned by the retention policy");
+    }
+    Ok(())
+}
+
+pub(crate) async fn restore_points(
+    State(hub): State<AppState>,
+    c: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Vec<RestorePoint>>> {
+    blocking(move || {
+        let d = hub.db.desktop(&name)?.ok_or_else(|| no_desktop(&name))?;
+        if let Caller::Point(p) = &c {
+            if d.holder.as_deref() != Some(p.as_str()) {
+                return Err(ApiError::forbidden(format!(
+                    "point {p:?} does not hold desktop {name:?}"
+                )));
+            }
+        }
+        Ok(Json(
+            crate::retention::restore_points(&hub.store, &d.user_image)?
+                .into_iter()
+                .map(|(time, tag, v)| RestorePoint {
+                    time,
+                    tag,
+                    version: v.to_hex(),
+                })
+                .collect(),
+        ))
+    })
+    .await
+}
+
+/// A time given as Unix seconds or RFC 3339.
+fn parse_time(s: &str) -> Option<i64> {
+    if let Ok(t) = s.parse::<i64>() {
+        return Some(t);
+    }
+    let t = humantime::parse_rfc3339_weak(s).ok()?;
+    Some(t.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs() as i64)
+}
+
+pub(crate) async fn restore(
+    State(hub): State<AppState>,
+    c: Caller,
+    Path(name): Path<String>,
+    Json(req): Json<RestoreRequest>,
+) -> ApiResult<Json<RestoreResponse>> {
+    require_admin(&c)?;
+    blocking(move || {
+        let d = hub.db.desktop(&name)?.ok_or_else(|| no_desktop(&name))?;
+        let image = d.user_image.clone();
+        let current = hub
+            .store
+            .get_ref(&image, RefKind::Branch, "main")?
+            .ok_or_else(|| ApiError::not_found(format!("{image} has no main")))?;
+        let target = match parse_time(&req.to) {
+            Some(t) => crate::retention::restore_points(&hub.store, &image)?
+                .into_iter()
+                .find(|(time, _, _)| *time <= t)
+                .map(|(_, _, v)| v)
+                .ok_or_else(|| {
+                    ApiError::not_found(format!(
+                        "desktop {name} has no restore point at or before {}",
+                        req.to
+                    ))
+                })?,
+            None => hub.store.resolve(&image, Some(&req.to))?,
+        };
+        let from = hub.store.load_version(&target)?;
+        // A new version with the restore point's content whose parent is the current
+        // state: the restore is itself undoable (restore to `previous`).
+        let record = strata_store::Version {
+            parents: vec![current.to_hex()],
+            time: now(),
+            author: c.actor(),
+            message: format!("restore to {}", target.short()),
+            image: image.clone(),
+            ..from
+        };
+        let raw = record.encode();
+        let vid = strata_store::ChunkId::for_object(strata_store::ObjectKind::Version, &raw);
+        let mut session = WriteSession::begin(&hub.store, "desktop restore")?;
+        session.add_received(&[(strata_store::ObjectKind::Version, vid, raw.as_slice())])?;
+        session.commit_received(
+            &vid,
+            &strata_store::BranchUpdate {
+                image: image.clone(),
+                branch: "main".into(),
+                expected: Some(current),
+                create_image: false,
+            },
+        )?;
+        after_main_moved(&hub, &image, "main", &vid)?;
+        hub.db.audit(
+            &c.actor(),
+            "desktop.restore",
+            &name,
+            &format!("to {} (was {})", target.to_hex(), current.to_hex()),
+        )?;
+        let d = hub.db.desktop(&name)?.ok_or_else(|| no_desktop(&name))?;
+        Ok(Json(RestoreResponse {
+            desktop: info(&hub, d)?,
+            restored_from: target.to_hex(),
+            previous: current.to_hex(),
+            version: vid.to_hex(),
+        }))
     })
     .await
 }

@@ -36,6 +36,7 @@
 mod channels;
 pub mod db;
 mod desktops;
+pub mod retention;
 mod routes;
 
 use std::collections::HashMap;
@@ -67,6 +68,8 @@ pub struct HubConfig {
     pub upload_idle: Duration,
     /// Lifetime of enrolment tokens.
     pub enrollment_ttl: Duration,
+    /// Which restore points of desktops' user disks to keep.
+    pub retention: retention::Retention,
 }
 
 impl HubConfig {
@@ -79,6 +82,7 @@ impl HubConfig {
             level: strata_sync::frame::DEFAULT_LEVEL,
             upload_idle: Duration::from_secs(15 * 60),
             enrollment_ttl: Duration::from_secs(24 * 3600),
+            retention: retention::Retention::default(),
         }
     }
 }
@@ -142,6 +146,7 @@ pub(crate) struct Hub {
     pub uploads: Mutex<HashMap<String, Arc<Mutex<Upload>>>>,
     pub level: i32,
     pub enrollment_ttl: Duration,
+    pub retention: retention::Retention,
 }
 
 impl Hub {
@@ -160,6 +165,7 @@ impl Hub {
             uploads: Mutex::new(HashMap::new()),
             level: cfg.level,
             enrollment_ttl: cfg.enrollment_ttl,
+            retention: cfg.retention.clone(),
         })
     }
 

@@ -71,6 +71,14 @@ pub(crate) fn router(hub: AppState) -> Router {
             "/v1/admin/desktops/{name}/transfer",
             post(crate::desktops::transfer),
         )
+        .route(
+            "/v1/admin/desktops/{name}/restore",
+            post(crate::desktops::restore),
+        )
+        .route(
+            "/v1/desktops/{name}/restore-points",
+            get(crate::desktops::restore_points),
+        )
         // Id lists are at most 64 B × 65,536; object streams are read incrementally
         // and have no overall limit.
         .layer(DefaultBodyLimit::max(MAX_IDS_PER_REQUEST * 64 + 4096))
@@ -715,6 +723,7 @@ async fn commit_upload(
                 create_image: true,
             },
         )?;
+        crate::desktops::after_main_moved(&hub, &image, &req.branch, &version)?;
         hub.db.audit(
             &c.actor(),
             "push",
@@ -774,6 +783,7 @@ async fn cas_branch(
         }
         hub.store
             .update_branch(&image, &branch, expected.as_ref(), &version)?;
+        crate::desktops::after_main_moved(&hub, &image, &branch, &version)?;
         hub.db.audit(
             &c.actor(),
             "ref.update",

@@ -192,3 +192,116 @@ async fn one_writer_per_desktop_and_recovery_after_a_forced_transfer() {
     assert_eq!(admin.desktops().await.unwrap().len(), 1);
     verify_clean(&hub_store);
 }
+
+/// Restore to a time, undo the restore; retention keeps exactly the restore points
+/// the policy names, and gc removes the versions of the others (and only those),
+/// although every version's record still names its parent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_undo_and_retention() {
+    let env = Env::with(|cfg| cfg.retention = "last=3".parse().unwrap()).await;
+    let hub_store = env.hub_store();
+    commit(&hub_store, "gold", &[block(1)], None);
+    let admin = env.admin();
+    admin
+        .publish(&PublishRequest {
+            channel: "c".into(),
+            image: "gold".into(),
+            rev: "main".into(),
+            expected_seq: None,
+        })
+        .await
+        .unwrap();
+    admin
+        .create_desktop(&CreateDesktopRequest {
+            name: "d1".into(),
+            channel: "c".into(),
+            size: Some(8 * BS as u64),
+            template: None,
+            block_size: Some(BS),
+        })
+        .await
+        .unwrap();
+    let cred = env.enroll("p1").await;
+    let p1 = env.client(Some(&cred));
+    p1.check_out("d1").await.unwrap();
+    let s1 = env.point_store("p1");
+    strata_sync::pull(&s1, &p1, USER, "main", &PullOptions::default())
+        .await
+        .unwrap();
+    // Five syncs, a second apart (restore points are named by their version's time).
+    let mut tip = s1.get_ref(USER, RefKind::Branch, "main").unwrap().unwrap();
+    let mut versions = vec![tip];
+    for n in 0..5u64 {
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let mut user: Vec<Vec<u8>> = (0..8).map(|_| Vec::new()).collect();
+        user[n as usize] = block(500 + n);
+        let v = commit(&s1, USER, &user, Some(tip));
+        let push = PushOptions {
+            expected: Expect::Value(Some(tip)),
+            ..PushOptions::default()
+        };
+        strata_sync::push(&s1, &p1, USER, "main", &v, &push)
+            .await
+            .unwrap();
+        tip = v;
+        versions.push(v);
+    }
+    // last=3: exactly the three newest are restore points now.
+    let rps = admin.restore_points("d1").await.unwrap();
+    let kept: Vec<String> = rps.iter().map(|r| r.version.clone()).collect();
+    let want: Vec<String> = versions.iter().rev().take(3).map(|v| v.to_hex()).collect();
+    assert_eq!(kept, want);
+    strata_store::gc::gc(&hub_store, &mut |_| {}).unwrap();
+    for (i, v) in versions.iter().enumerate() {
+        let present = hub_store.load_version(v).is_ok();
+        assert_eq!(present, i >= 3, "version {i}: present {present}");
+    }
+    verify_clean(&hub_store);
+
+    // Restore to the time of the middle kept point, then undo it.
+    let middle = &rps[1];
+    let r = admin
+        .restore_desktop("d1", &middle.time.to_string())
+        .await
+        .unwrap();
+    assert_eq!(r.restored_from, middle.version);
+    assert_eq!(r.previous, tip.to_hex());
+    let restored = strata_store::VersionId::from_hex(&r.version).unwrap();
+    assert_eq!(
+        version_bytes(&hub_store, &restored),
+        version_bytes(
+            &hub_store,
+            &strata_store::VersionId::from_hex(&middle.version).unwrap()
+        )
+    );
+    // The holder's next push, made against the old tip, is refused (no silent undo).
+    let mut user: Vec<Vec<u8>> = (0..8).map(|_| Vec::new()).collect();
+    user[7] = block(999);
+    let late = commit(&s1, USER, &user, Some(tip));
+    let push = PushOptions {
+        expected: Expect::Value(Some(tip)),
+        ..PushOptions::default()
+    };
+    let err = strata_sync::push(&s1, &p1, USER, "main", &late, &push)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SyncError::Conflict(_)), "{err}");
+    let undo = admin.restore_desktop("d1", &r.previous).await.unwrap();
+    assert_eq!(
+        version_bytes(
+            &hub_store,
+            &strata_store::VersionId::from_hex(&undo.version).unwrap()
+        ),
+        version_bytes(&hub_store, &tip)
+    );
+    let err = admin.restore_desktop("d1", "12").await.unwrap_err();
+    assert!(matches!(err, SyncError::Hub { status: 404, .. }), "{err}");
+    let audit = admin.audit(50).await.unwrap();
+    assert_eq!(
+        audit
+            .iter()
+            .filter(|a| a.action == "desktop.restore")
+            .count(),
+        2
+    );
+}

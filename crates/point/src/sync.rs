@@ -445,6 +445,21 @@ impl Point {
         if s.hub_tip.as_deref() == Some(tip.to_hex().as_str()) {
             return Ok((s.hub_tip.clone(), None));
         }
+        // Compare-and-swap against what this point last knew of the hub's branch: if
+        // it moved without us (an operator restored the desktop's user disk), this
+        // push must fail rather than silently undo that.
+        let origin_image = s.origin.split('@').next().unwrap_or_default();
+        let known = match &s.hub_tip {
+            Some(t) => Some(t.as_str()),
+            None if origin_image == s.image => Some(s.origin_version.as_str()),
+            None => None,
+        };
+        let expected = match known {
+            Some(t) => Expect::Value(Some(VersionId::from_hex(t).ok_or_else(|| {
+                PointError::Invalid(format!("bad version id {t:?} in the point state"))
+            })?)),
+            None => Expect::Current,
+        };
         let stats = strata_sync::push(
             &self.store,
             &self.client,
@@ -452,11 +467,20 @@ impl Point {
             &s.branch,
             &tip,
             &PushOptions {
-                expected: Expect::Current,
+                expected,
                 ..PushOptions::default()
             },
         )
-        .await?;
+        .await
+        .map_err(|e| match e {
+            SyncError::Conflict(m) => PointError::Invalid(format!(
+                "the hub's {}:{} moved without this point ({m}); run `strata point desktop \
+                 start` to keep this point's changes as a recovery version and continue from \
+                 the hub's",
+                s.image, s.branch
+            )),
+            e => e.into(),
+        })?;
         let hub_tip = stats.version.clone();
         let st2 = stats.clone();
         self.update_state(|st| {

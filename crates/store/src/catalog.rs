@@ -69,6 +69,9 @@ CREATE TABLE IF NOT EXISTS session_pins(
     ids BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS session_pins_by_session ON session_pins(session);
+-- Images whose history lives only as long as refs name it: gc does not follow the
+-- parents of versions it reaches from their refs (retention by restore-point tags).
+CREATE TABLE IF NOT EXISTS history_by_refs(image TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS disk_sessions(
     name TEXT PRIMARY KEY,
     image TEXT NOT NULL,

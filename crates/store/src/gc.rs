@@ -99,9 +99,22 @@ impl PackUse {
 struct Marker<'a> {
     store: &'a Store,
     marks: RoaringTreemap,
+    /// Walk versions' parents (off for refs of `history_by_refs` images).
+    follow_parents: bool,
 }
 
 impl Marker<'_> {
+    /// Mark both kinds of roots: with ancestors first, so a version both reach keeps
+    /// its history.
+    fn mark_all(&mut self, conn: &Connection, roots: &(Vec<ChunkId>, Vec<ChunkId>)) -> Result<()> {
+        self.follow_parents = true;
+        self.mark(conn, &roots.0)?;
+        self.follow_parents = false;
+        let r = self.mark(conn, &roots.1);
+        self.follow_parents = true;
+        r
+    }
+
     /// Mark `roots` and everything they reach. Objects already marked are not walked
     /// again, which is what makes the second pass cheap.
     fn mark(&mut self, conn: &Connection, roots: &[ChunkId]) -> Result<()> {
@@ -143,10 +156,13 @@ impl Marker<'_> {
                     }
                     // A parent the store does not hold is the edge of a shallow
                     // history (a version pulled or pushed without its ancestors).
-                    for p in v
-                        .parent_ids()
-                        .map_err(|reason| StoreError::Corrupt { id, reason })?
-                    {
+                    let parents = if self.follow_parents {
+                        v.parent_ids()
+                            .map_err(|reason| StoreError::Corrupt { id, reason })?
+                    } else {
+                        Vec::new()
+                    };
+                    for p in parents {
                         if catalog::locate(conn, &p)?.is_some() {
                             stack.push(p);
                         }
@@ -158,12 +174,22 @@ impl Marker<'_> {
     }
 }
 
-/// Every object that refs and live sessions' pins name directly.
-fn roots(conn: &Connection) -> Result<Vec<ChunkId>> {
+/// Every object that refs and live sessions' pins name directly: those whose
+/// ancestors are kept too, and (second) versions of `history_by_refs` images, whose
+/// ancestors live only if something else keeps them.
+fn roots(conn: &Connection) -> Result<(Vec<ChunkId>, Vec<ChunkId>)> {
     let mut out = Vec::new();
-    let mut stmt = conn.prepare("SELECT version FROM refs")?;
-    for r in stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))? {
-        out.extend(ChunkId::from_slice(&r?));
+    let mut shallow = Vec::new();
+    let mut stmt = conn.prepare(
+        "SELECT version, image IN (SELECT image FROM history_by_refs) FROM refs",
+    )?;
+    for r in stmt.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, bool>(1)?)))? {
+        let (v, by_refs) = r?;
+        if by_refs {
+            shallow.extend(ChunkId::from_slice(&v));
+        } else {
+            out.extend(ChunkId::from_slice(&v));
+        }
     }
     // The base versions of copy-on-write disk sessions (see `Store::disk_sessions`).
     let mut stmt = conn.prepare("SELECT base FROM disk_sessions")?;
@@ -174,7 +200,7 @@ fn roots(conn: &Connection) -> Result<Vec<ChunkId>> {
     for r in stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))? {
         out.extend(r?.chunks_exact(32).filter_map(ChunkId::from_slice));
     }
-    Ok(out)
+    Ok((out, shallow))
 }
 
 /// Is the session's process gone? (Its lock file is missing or no longer locked.)
@@ -268,11 +294,12 @@ pub fn gc(store: &Store, progress: &mut dyn FnMut(GcPhase)) -> Result<GcReport> 
     let mut marker = Marker {
         store,
         marks: RoaringTreemap::new(),
+        follow_parents: true,
     };
     {
         let cat = store.cat();
         let r = roots(&cat.conn)?;
-        marker.mark(&cat.conn, &r)?;
+        marker.mark_all(&cat.conn, &r)?;
     }
 
     progress(GcPhase::Sweep);
@@ -284,7 +311,7 @@ pub fn gc(store: &Store, progress: &mut dyn FnMut(GcPhase)) -> Result<GcReport> 
     // packs that are gone.
     let empty_packs: Vec<String> = store.cat().write_durable(|tx| {
         let r = roots(tx)?;
-        marker.mark(tx, &r)?;
+        marker.mark_all(tx, &r)?;
         let protected: HashSet<String> = {
             let mut stmt = tx.prepare("SELECT pack FROM session_packs")?;
             let rows = stmt.query_map([], |r| r.get(0))?;

@@ -403,6 +403,25 @@ impl Store {
         get_ref(&self.cat().conn, image, kind, name)
     }
 
+    /// Keep `image`'s history only as far as its refs name versions (`true`), or
+    /// with every ancestor of its refs (`false`, the default). A hub keeps a desktop's
+    /// user disk this way: restore-point tags, pruned by a retention policy, decide
+    /// which of its versions survive gc.
+    pub fn set_history_by_refs(&self, image: &str, on: bool) -> Result<()> {
+        let mut cat = self.cat();
+        cat.write_durable(|tx| {
+            if on {
+                tx.execute(
+                    "INSERT INTO history_by_refs(image) VALUES(?) ON CONFLICT DO NOTHING",
+                    [image],
+                )?;
+            } else {
+                tx.execute("DELETE FROM history_by_refs WHERE image = ?", [image])?;
+            }
+            Ok(())
+        })
+    }
+
     /// Create a branch or tag pointing at `version`; it must not exist yet.
     pub fn create_ref(
         &self,

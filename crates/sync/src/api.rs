@@ -301,3 +301,30 @@ pub struct TransferRequest {
     #[serde(default)]
     pub force: bool,
 }
+
+/// Roll a desktop's user disk back: `to` is a version (id, prefix, tag) of the user
+/// image, or a time (Unix seconds or RFC 3339): the newest restore point at or
+/// before it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RestoreRequest {
+    pub to: String,
+}
+
+/// A kept version of a desktop's user disk.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RestorePoint {
+    pub time: i64,
+    pub tag: String,
+    pub version: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RestoreResponse {
+    pub desktop: DesktopInfo,
+    /// The restore point whose content the new version has (hex).
+    pub restored_from: String,
+    /// `main` before the restore (hex): restoring to it undoes the restore.
+    pub previous: String,
+    /// The new version on `main` (hex).
+    pub version: String,
+}

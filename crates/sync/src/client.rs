@@ -666,6 +666,22 @@ impl HubClient {
             .await
     }
 
+    /// (Operators) roll desktop `name`'s user disk back (see [`RestoreRequest`]).
+    pub async fn restore_desktop(&self, name: &str, to: &str) -> Result<RestoreResponse> {
+        let req = RestoreRequest { to: to.to_string() };
+        self.send_json(Method::POST, &["admin", "desktops", name, "restore"], &req)
+            .await
+    }
+
+    /// The kept versions of desktop `name`'s user disk, newest first.
+    pub async fn restore_points(&self, name: &str) -> Result<Vec<RestorePoint>> {
+        self.json(
+            self.request(Method::GET, &["desktops", name, "restore-points"]),
+            0,
+        )
+        .await
+    }
+
     /// (Points) check desktop `name` out to this point; 409 names the holder.
     pub async fn check_out(&self, name: &str) -> Result<DesktopInfo> {
         self.json(

@@ -7,10 +7,14 @@
 //!   qemu tools, the ground truth images are checked against.
 //! * [`Rng`], [`write_random`], [`write_text`]: deterministic content.
 //! * [`pack_files`], [`pack_entries`]: find objects inside pack files (to damage them).
+//! * [`hub`]: hub and point processes, operators' commands, mixed image content, TLS
+//!   certificates (for the hub and point tests).
 //!
 //! Every test file includes this module with `mod common;` and uses a part of it.
 
 #![allow(dead_code)]
+
+pub mod hub;
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;

@@ -25,14 +25,16 @@ pub struct Env {
 
 impl Env {
     pub async fn new() -> Env {
+        Env::with(|_| {}).await
+    }
+
+    /// A hub whose configuration `f` adjusts first.
+    pub async fn with(f: impl FnOnce(&mut HubConfig)) -> Env {
         let dir = tempfile::tempdir().unwrap();
         let init = strata_hub::init(&dir.path().join("hub")).unwrap();
-        let hub = strata_hub::start(HubConfig::new(
-            &dir.path().join("hub"),
-            "127.0.0.1:0".parse().unwrap(),
-        ))
-        .await
-        .unwrap();
+        let mut cfg = HubConfig::new(&dir.path().join("hub"), "127.0.0.1:0".parse().unwrap());
+        f(&mut cfg);
+        let hub = strata_hub::start(cfg).await.unwrap();
         let url = hub.url();
         Env {
             dir,

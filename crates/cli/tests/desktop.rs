@@ -1,0 +1,221 @@
+//! Desktops end to end with real processes: a hub, two points with their agents,
+//! qemu-io writing through NBD, and the operator's `channel`/`desktop` commands.
+//!
+//! The story: gold v1 published to production; point A checks out a desktop and
+//! writes its user disk; the hub dies and A keeps writing; the hub comes back and A
+//! syncs; v2 is published and A's next start runs it with the user disk intact,
+//! having fetched about the changed blocks only; B's check-out is refused; a forced
+//! transfer hands the desktop to B, which sees A's last synced data; A's unsynced
+//! tail becomes a recovery version on the hub.
+
+mod common;
+use common::hub::{fails, json, make_raw, ok, qemu_io_ok, Agent, Env, Hub, MIB};
+use common::{identical, p};
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use strata_netfault::Proxy;
+
+fn operator(env: &Env, args: &[&str]) -> Value {
+    let d = env.hub_dir();
+    let mut full = args.to_vec();
+    full.extend_from_slice(&["--dir", p(&d)]);
+    json(None, &full)
+}
+
+fn start(pt: &Path, sock: &Path) -> Value {
+    json(
+        Some(pt),
+        &["point", "desktop", "start", "d1", "--socket", p(sock)],
+    )
+}
+
+/// Wait until `point status` shows no session still streaming.
+fn wait_all_local(pt: &Path) -> Value {
+    let t0 = Instant::now();
+    loop {
+        let st = json(Some(pt), &["point", "status"]);
+        let streaming = st["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| !s["prefetch"].is_null());
+        if !streaming {
+            return st;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "prefetch never ended: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn pattern_ok(uri: &str, cmds: &[&str]) {
+    let (ok, out) = qemu_io_ok(uri, cmds);
+    assert!(ok, "qemu-io {cmds:?} on {uri}: {out}");
+}
+
+#[test]
+fn desktop_story_offline_update_transfer_and_recovery() {
+    let env = Env::new();
+    let hub = Hub::start(&env.hub_dir(), 0);
+    let port = hub.port;
+    let gold = env.path("gold.raw");
+    make_raw(&gold, 32 * MIB, &[(0, 12 * MIB), (20 * MIB, 4 * MIB)], 1);
+    env.publish(&gold, "gold");
+    operator(&env, &["channel", "publish", "gold@main", "win/production"]);
+    let d = operator(
+        &env,
+        &[
+            "desktop",
+            "create",
+            "d1",
+            "--channel",
+            "win/production",
+            "--size",
+            "16M",
+        ],
+    );
+    assert_eq!(d["user_image"], "desktops/d1/user");
+
+    // Point A, through a proxy that counts its bytes: agent with a long sync
+    // interval (syncs happen when the test says).
+    let proxy = Proxy::start(hub.addr()).unwrap();
+    let a = env.point("a", &format!("http://{}", proxy.addr()));
+    let sock_a = env.path("a.sock");
+    let agent_a = Agent::spawn(None, &a, &sock_a, "1h", &[]);
+    let s = start(&a, &sock_a);
+    assert_eq!(s["os"]["session"], "desktops/d1/os");
+    let qemu = s["qemu"].as_array().unwrap();
+    assert_eq!(qemu[0], "qemu-system-x86_64");
+    assert!(qemu
+        .iter()
+        .any(|a| a.as_str().unwrap().contains("desktops/d1/user")));
+    let os = agent_a.uri("desktops/d1/os");
+    let user = agent_a.uri("desktops/d1/user");
+    // The OS disk is the channel's version, before it is even local.
+    assert!(identical(&gold.display().to_string(), "raw", &os, "raw"));
+    pattern_ok(&user, &["write -P 0x11 0 1M", "write -P 0x12 8M 64k"]);
+    pattern_ok(&os, &["write -P 0x66 1M 64k"]);
+    // A session is committed and pushed once its base is local.
+    wait_all_local(&a);
+    let r = json(Some(&a), &["point", "sync"]);
+    assert_eq!(r["ok"], true, "{r:#}");
+    assert!(
+        r["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| !s["pushed"].is_null()),
+        "nothing pushed: {r:#}"
+    );
+
+    // The hub dies; A keeps working; the hub returns and A syncs what it wrote.
+    hub.kill9();
+    pattern_ok(&user, &["write -P 0x13 2M 1M", "read -P 0x11 0 1M"]);
+    let out = common::hub::strata(Some(&a), &["point", "sync"]);
+    assert!(!out.status.success(), "sync with the hub away must fail");
+    let hub = Hub::start(&env.hub_dir(), port);
+    assert_eq!(json(Some(&a), &["point", "sync"])["ok"], true);
+    wait_all_local(&a);
+
+    // v2 changes 2 MiB of gold; production moves to it.
+    let gold2 = env.path("gold2.raw");
+    std::fs::copy(&gold, &gold2).unwrap();
+    make_raw(&env.path("patch.raw"), 2 * MIB, &[(0, 2 * MIB)], 2);
+    let patch = std::fs::read(env.path("patch.raw")).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&gold2)
+            .unwrap();
+        f.write_all_at(&patch, 4 * MIB).unwrap();
+    }
+    env.publish(&gold2, "gold");
+    operator(&env, &["channel", "publish", "gold@main", "win/production"]);
+
+    // A's next start runs v2 (its OS delta dropped), the user disk intact.
+    let before = proxy.bytes_to_client();
+    let s2 = start(&a, &sock_a);
+    assert_eq!(s2["os"]["switched_from"], s["os"]["version"]);
+    let st = wait_all_local(&a);
+    assert!(identical(&gold2.display().to_string(), "raw", &os, "raw"));
+    pattern_ok(
+        &user,
+        &[
+            "read -P 0x11 0 1M",
+            "read -P 0x13 2M 1M",
+            "read -P 0x12 8M 64k",
+        ],
+    );
+    let _ = st;
+    // Bytes A downloaded for v2: the 2 MiB that changed (random: incompressible) and
+    // the tree, not the 16 MiB of data in the image.
+    let fetched = proxy.bytes_to_client() - before;
+    assert!(
+        fetched > 2 * MIB && fetched < 2 * MIB + 2 * MIB / 5,
+        "{fetched} bytes fetched for a 2 MiB change"
+    );
+
+    // B is refused while A holds it; a forced transfer hands it over.
+    let b = env.point("b", &hub.url());
+    let sock_b = env.path("b.sock");
+    let agent_b = Agent::spawn(None, &b, &sock_b, "1h", &[]);
+    let err = fails(
+        Some(&b),
+        &["point", "desktop", "start", "d1", "--socket", p(&sock_b)],
+    );
+    assert!(err.contains("checked out to point a"), "{err}");
+    // A writes more and does not sync before the laptop is lost.
+    pattern_ok(&user, &["write -P 0x14 4M 64k"]);
+    operator(&env, &["desktop", "transfer", "d1", "b", "--force"]);
+    start(&b, &sock_b);
+    let user_b = agent_b.uri("desktops/d1/user");
+    pattern_ok(
+        &user_b,
+        &[
+            "read -P 0x11 0 1M",
+            "read -P 0x13 2M 1M",
+            "read -P 0 4M 64k",
+        ],
+    );
+    // A's next contact: its tail goes to a recovery branch, and it stops serving.
+    let r = json(Some(&a), &["point", "sync"]);
+    let rec = r["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|s| s["recovered"].as_str().map(str::to_string))
+        .unwrap_or_else(|| panic!("no recovery in {r:#}"));
+    assert!(rec.starts_with("recovery/a-"), "{rec}");
+    let (ok_after, _) = qemu_io_ok(&user, &["read 0 4k"]);
+    assert!(!ok_after, "A still serves a desktop it lost");
+    let spec = format!("desktops/d1/user:{rec}");
+    let tail = env.hub_export(&spec.replace(':', "@"), "tail.raw");
+    let tail_uri = format!("{}", tail.display());
+    pattern_ok(&tail_uri, &["read -P 0x14 4M 64k", "read -P 0x13 2M 1M"]);
+    let show = operator(&env, &["desktop", "show", "d1"]);
+    assert_eq!(show["holder"], "b");
+    let audit = env.admin_json(&["audit"]);
+    let actions: Vec<&str> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    for a in [
+        "channel.publish",
+        "desktop.create",
+        "desktop.checkout",
+        "desktop.transfer",
+    ] {
+        assert!(actions.contains(&a), "{a} missing from {actions:?}");
+    }
+    drop(agent_a);
+    drop(agent_b);
+    ok(Some(&env.hub_store()), &["verify"]);
+}
