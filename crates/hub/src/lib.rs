@@ -254,7 +254,7 @@ pub async fn start(cfg: HubConfig) -> anyhow::Result<RunningHub> {
     if cfg.tls.is_none() && !cfg.listen.ip().is_loopback() && !cfg.insecure {
         bail!(
             "refusing to serve plain HTTP on {} (not a loopback address): give a TLS \
-             certificate and key, or set insecure if the network is trusted",
+             certificate and key (--tls-cert, --tls-key), or pass --insecure if the network is trusted",
             cfg.listen
         );
     }

@@ -53,10 +53,20 @@ impl From<reqwest::Error> for SyncError {
         // The chain carries the useful part (connection refused, reset, timed out).
         let mut msg = e.to_string();
         let mut src = std::error::Error::source(&e);
+        let mut tls = false;
         while let Some(s) = src {
             msg.push_str(": ");
             msg.push_str(&s.to_string());
+            // A certificate the point does not trust fails the same way every time:
+            // not a link failure to retry.
+            tls |= s.downcast_ref::<rustls::Error>().is_some()
+                || s.downcast_ref::<std::io::Error>()
+                    .and_then(|io| io.get_ref())
+                    .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some());
             src = s.source();
+        }
+        if tls || msg.contains("invalid peer certificate") {
+            return SyncError::Invalid(format!("TLS with the hub failed: {msg}"));
         }
         SyncError::Transport(msg)
     }

@@ -151,6 +151,24 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
+/// Run `f` again after a transient failure, up to `retries` times.
+async fn retried<T, F, Fut>(retries: u32, f: F) -> Result<T>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut attempt = 0;
+    loop {
+        match f().await {
+            Err(e) if e.is_transient() && attempt < retries => {
+                attempt += 1;
+                tokio::time::sleep(backoff(attempt)).await;
+            }
+            r => return r,
+        }
+    }
+}
+
 fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(100u64 << attempt.min(6))
 }
@@ -425,11 +443,14 @@ pub async fn pull(
     opts: &PullOptions,
 ) -> Result<TransferStats> {
     let wire0 = client.wire();
-    let (vid, version, record) = client.get_version(image, rev).await?;
+    // The first requests are retried like object fetches: a cut right at the start
+    // must not cost a whole run.
+    let (vid, version, record) =
+        retried(opts.transfer.retries, || client.get_version(image, rev)).await?;
     let branch = match &opts.branch {
         Some(b) => b.clone(),
         None => {
-            let summary = client.image(image).await?;
+            let summary = retried(opts.transfer.retries, || client.image(image)).await?;
             if summary.branches.iter().any(|b| b.name == rev) {
                 rev.to_string()
             } else {
