@@ -413,3 +413,151 @@ fn hub_away_before_prefetch_fails_missing_reads_then_recovers() {
     drop(agent);
     drop(hub);
 }
+
+/// Seeding: a point with a stale local copy of the image (raw, then qcow2) takes the
+/// blocks whose hashes match from it and fetches only the rest; a bundle carried to
+/// another point leaves nothing to fetch.
+#[test]
+fn seeded_pulls_and_bundles_fetch_only_what_the_point_lacks() {
+    let env = Env::new();
+    let hub = Hub::start(&env.hub_dir(), 0);
+    let proxy = Proxy::start(hub.addr()).unwrap();
+    let img = env.path("gold.raw");
+    make_raw(&img, 16 * MIB, &[(0, 12 * MIB)], 11);
+    env.publish(&img, "gold");
+    // The copy on the laptop is stale: 2 MiB differ from the hub's version.
+    let stale = env.path("stale.raw");
+    std::fs::copy(&img, &stale).unwrap();
+    make_raw(&env.path("junk.raw"), 2 * MIB, &[(0, 2 * MIB)], 12);
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            &format!("write -s {} 4M 2M", p(&env.path("junk.raw"))),
+            p(&stale),
+        ],
+    );
+    let url = format!("http://{}", proxy.addr());
+    let reference = env.hub_export("gold@main", "reference.raw");
+    for (name, seed) in [
+        ("raw-seeded", stale.clone()),
+        ("qcow2-seeded", env.path("stale.qcow2")),
+    ] {
+        if name == "qcow2-seeded" {
+            run(
+                "qemu-img",
+                &["convert", "-f", "raw", "-O", "qcow2", p(&stale), p(&seed)],
+            );
+        }
+        let pt = env.point(name, &url);
+        env.admin(&["grant", name, "gold"]);
+        let before = proxy.bytes_to_client();
+        let r = json(Some(&pt), &["point", "pull", "gold", "--seed", p(&seed)]);
+        let fetched = proxy.bytes_to_client() - before;
+        // 192 blocks of data, 32 of them changed: 160 from the seed.
+        assert_eq!(r["transfer"]["seeded"], 160, "{r:#}");
+        assert_eq!(r["transfer"]["data_objects"], 32, "{r:#}");
+        assert!(
+            fetched < 2 * MIB + MIB / 2,
+            "{fetched} bytes for 2 MiB missing"
+        );
+        let out = env.path(&format!("{name}.raw"));
+        ok(Some(&pt), &["export", "gold", p(&out), "--force"]);
+        assert!(identical(p(&out), "raw", p(&reference), "raw"));
+        ok(Some(&pt), &["verify"]);
+    }
+    // A seed of the wrong image costs reads, never a wrong block.
+    let wrong = env.path("wrong.raw");
+    make_raw(&wrong, 16 * MIB, &[(0, 16 * MIB)], 13);
+    let pt = env.point("wrong-seed", &url);
+    env.admin(&["grant", "wrong-seed", "gold"]);
+    let r = json(Some(&pt), &["point", "pull", "gold", "--seed", p(&wrong)]);
+    assert_eq!(r["transfer"]["seeded"], 0, "{r:#}");
+    assert_eq!(r["transfer"]["data_objects"], 192, "{r:#}");
+
+    // A bundle made on the hub side, imported on a point: the pull after it moves
+    // no blocks.
+    let bundle = env.path("gold.bundle");
+    ok(
+        Some(&env.hub_store()),
+        &["bundle", "export", "gold", p(&bundle)],
+    );
+    let pt = env.point("dvd", &url);
+    env.admin(&["grant", "dvd", "gold"]);
+    ok(Some(&pt), &["bundle", "import", p(&bundle)]);
+    let r = json(Some(&pt), &["point", "pull", "gold"]);
+    assert_eq!(r["objects"], 0, "{r:#}");
+    let out = env.path("dvd.raw");
+    ok(Some(&pt), &["export", "gold", p(&out), "--force"]);
+    assert!(identical(p(&out), "raw", p(&reference), "raw"));
+}
+
+/// NBD CACHE from a client is a prefetch hint: with background prefetch off, the
+/// hinted range is fetched, so it still reads after the hub is gone, while an
+/// unhinted range fails with EIO after the fetch timeout. The streaming session is
+/// listed by `session ls` with its progress.
+#[test]
+fn nbd_cache_requests_prefetch_the_hinted_range() {
+    let env = Env::new();
+    let hub = Hub::start(&env.hub_dir(), 0);
+    let img = env.path("gold.raw");
+    make_raw(&img, 16 * MIB, &[(0, 16 * MIB)], 21);
+    env.publish(&img, "gold");
+    let pt = env.point("laptop", &hub.url());
+    env.admin(&["grant", "laptop", "gold"]);
+    json(
+        Some(&pt),
+        &["point", "attach", "gold@main", "--session", "vm1"],
+    );
+    let ls = json(Some(&pt), &["session", "ls"]);
+    let row = &ls.as_array().unwrap()[0];
+    assert_eq!(row["name"], "vm1", "{ls:#}");
+    assert_eq!(row["streaming"]["blocks_local"], 0, "{ls:#}");
+    let agent = Agent::start_with(
+        &pt,
+        &env.path("nbd.sock"),
+        &["--no-prefetch", "--fetch-timeout", "2s"],
+    );
+    let uri = agent.uri("vm1");
+    // nbdsh runs `python3 -m nbd`: Debian's python has the module.
+    let out = Command::new("nbdsh")
+        .env(
+            "PATH",
+            format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()),
+        )
+        .args([
+            "-u",
+            &uri,
+            "-c",
+            "h.cache(2 * 1024 * 1024, 4 * 1024 * 1024)",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "nbdsh: {out:?}");
+    // The hint's fetch runs in the background: wait until the blocks are local.
+    let t0 = Instant::now();
+    loop {
+        let st = json(Some(&pt), &["point", "status"]);
+        let local = st["sessions"][0]["prefetch"]["blocks_local"]
+            .as_u64()
+            .unwrap_or(0);
+        if local >= 32 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the hint fetched nothing: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    hub.kill9();
+    let reference = env.path("reference.raw");
+    std::fs::copy(&img, &reference).unwrap();
+    let (ok_hinted, out) = qemu_io_ok(&uri, &["read 4M 2M"]);
+    assert!(ok_hinted, "hinted range: {out}");
+    let (ok_other, _) = qemu_io_ok(&uri, &["read 12M 64k"]);
+    assert!(!ok_other, "an unhinted block read without the hub");
+    drop(agent);
+}
