@@ -180,9 +180,8 @@ impl Marker<'_> {
 fn roots(conn: &Connection) -> Result<(Vec<ChunkId>, Vec<ChunkId>)> {
     let mut out = Vec::new();
     let mut shallow = Vec::new();
-    let mut stmt = conn.prepare(
-        "SELECT version, image IN (SELECT image FROM history_by_refs) FROM refs",
-    )?;
+    let mut stmt =
+        conn.prepare("SELECT version, image IN (SELECT image FROM history_by_refs) FROM refs")?;
     for r in stmt.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, bool>(1)?)))? {
         let (v, by_refs) = r?;
         if by_refs {
