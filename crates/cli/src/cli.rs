@@ -402,6 +402,9 @@ pub enum HubCommand {
         #[command(flatten)]
         access: HubAccess,
     },
+    /// Desktops served from the hub itself.
+    #[command(subcommand)]
+    Desktop(HubDesktopCommand),
     /// Upload IMAGE[:BRANCH] from a local store to the hub (only what it lacks).
     Push {
         /// IMAGE or IMAGE:BRANCH.
@@ -409,6 +412,24 @@ pub enum HubCommand {
         /// The store to read it from (default: --store / $STRATA_STORE).
         #[arg(long, value_name = "PATH")]
         from_store: Option<PathBuf>,
+        #[command(flatten)]
+        access: HubAccess,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum HubDesktopCommand {
+    /// Serve desktop NAME's latest synced OS and user disks over NBD, read-only,
+    /// from the hub's store (e.g. to run a lost laptop's desktop on a data-centre VM
+    /// with qemu's -snapshot). Needs the hub's directory (--dir).
+    Serve {
+        name: String,
+        /// TCP address to listen on (repeatable).
+        #[arg(long, value_name = "HOST:PORT")]
+        listen: Vec<String>,
+        /// Unix socket to listen on (repeatable).
+        #[arg(long, value_name = "PATH")]
+        socket: Vec<PathBuf>,
         #[command(flatten)]
         access: HubAccess,
     },

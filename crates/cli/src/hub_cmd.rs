@@ -20,7 +20,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use strata_store::Store;
 use strata_sync::{ClientConfig, HubClient, PushOptions};
 
-use crate::cli::{HubAccess, HubCommand};
+use crate::cli::{HubAccess, HubCommand, HubDesktopCommand};
 use crate::commands::Ctx;
 use crate::output::{bytes, print_json, time};
 use crate::spec::branch_target;
@@ -109,6 +109,12 @@ pub fn run(ctx: &Ctx, cmd: HubCommand) -> Result<ExitCode> {
             insecure,
             retention.as_deref(),
         )?,
+        HubCommand::Desktop(HubDesktopCommand::Serve {
+            name,
+            listen,
+            socket,
+            access,
+        }) => desktop_serve(ctx, &name, listen, socket, &access)?,
         HubCommand::Enroll { name, access } => {
             let client = admin_client(&access)?;
             let t = runtime()?.block_on(client.create_enrollment(&name))?;
@@ -261,4 +267,57 @@ fn hub_run(
             _ = strata_nbd::shutdown_signal() => Ok(()),
         }
     })
+}
+
+/// `hub desktop serve`: the desktop's disks as they are on the hub, read-only.
+fn desktop_serve(
+    ctx: &Ctx,
+    name: &str,
+    listen: Vec<String>,
+    sockets: Vec<PathBuf>,
+    access: &HubAccess,
+) -> Result<()> {
+    let Some(dir) = &access.dir else {
+        bail!("give the hub's directory with --dir (its store is served)");
+    };
+    let d = runtime()?.block_on(admin_client(access)?.desktop(name))?;
+    let (Some(os_image), Some(os_version)) = (&d.os_image, &d.os_version) else {
+        bail!(
+            "channel {} of desktop {name} points at no version",
+            d.channel
+        );
+    };
+    let Some(user_version) = &d.user_version else {
+        bail!("desktop {name} has no user disk version");
+    };
+    let os = format!("{os_image}@{os_version}");
+    let user = format!("{}@{user_version}", d.user_image);
+    if ctx.json {
+        println!(
+            "{}",
+            serde_json::json!({"desktop": name, "os": os, "user": user, "holder": d.holder})
+        );
+    } else {
+        println!("desktop {name}: OS disk export {os}");
+        println!("desktop {name}: user disk export {user} (synced state; read-only)");
+        if let Some(h) = &d.holder {
+            println!("(checked out to {h}: hand it over with `strata desktop transfer`)");
+        }
+    }
+    let store = Arc::new(Store::open(&dir.join("store"))?);
+    crate::serve::serve(
+        store,
+        crate::serve::ServeArgs {
+            default_export: None,
+            listen: if listen.is_empty() && sockets.is_empty() {
+                vec!["127.0.0.1:10809".into()]
+            } else {
+                listen
+            },
+            sockets,
+            tls_dir: None,
+            tls_required: false,
+        },
+        ctx.json,
+    )
 }

@@ -215,6 +215,45 @@ fn desktop_story_offline_update_transfer_and_recovery() {
     ] {
         assert!(actions.contains(&a), "{a} missing from {actions:?}");
     }
+    // Run it anywhere: the hub serves the desktop's synced disks itself.
+    let sock_dc = env.path("dc.sock");
+    let mut dc = std::process::Command::new(common::bin())
+        .args(["--json", "hub", "desktop", "serve", "d1", "--dir"])
+        .arg(env.hub_dir())
+        .arg("--socket")
+        .arg(&sock_dc)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(dc.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut lines, &mut line).unwrap();
+    let exports: Value = serde_json::from_str(&line).unwrap();
+    line.clear();
+    std::io::BufRead::read_line(&mut lines, &mut line).unwrap();
+    let uri = |e: &Value| format!("nbd+unix:///{}?socket={}", e.as_str().unwrap(), p(&sock_dc));
+    assert!(identical(
+        &gold2.display().to_string(),
+        "raw",
+        &uri(&exports["os"]),
+        "raw"
+    ));
+    // Read-only: qemu-io -r.
+    let out = std::process::Command::new("qemu-io")
+        .args(["-r", "-f", "raw"])
+        .args(["-c", "read -P 0x11 0 1M", "-c", "read -P 0x13 2M 1M"])
+        .args(["-c", "read -P 0 4M 64k"])
+        .arg(uri(&exports["user"]))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !text.contains("fail"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = dc.kill();
+    let _ = dc.wait();
     drop(agent_a);
     drop(agent_b);
     ok(Some(&env.hub_store()), &["verify"]);
