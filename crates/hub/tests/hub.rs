@@ -572,9 +572,11 @@ async fn tls_and_the_plain_http_guard() {
         &strata_sync::ClientConfig::new(&url).credential(&init.admin_token),
     )
     .unwrap();
-    assert!(matches!(
-        untrusted.images().await,
-        Err(SyncError::Transport(_))
-    ));
+    // ... and it is not mistaken for a link failure worth retrying.
+    let err = untrusted.images().await.unwrap_err();
+    assert!(
+        matches!(&err, SyncError::Invalid(m) if m.contains("TLS")) && !err.is_transient(),
+        "{err}"
+    );
     hub.stop();
 }
