@@ -169,56 +169,32 @@ fn start(ctx: &Ctx, name: &str, socket: &Path, exec: bool, memory: &str) -> Resu
     let mut switched_from = None;
     let os_attach = match state.sessions.get(&os) {
         Some(s) if s.origin_version == os_version => None,
-        Some(s) => {
-            switched_from = Some(s.origin_version.clone());
+        current => {
+            switched_from = current.map(|s| s.origin_version.clone());
             drop_session(&store, &point, &os)?;
-            Some(attach_session(
-                ctx,
-                &format!("{os_image}@{os_version}"),
-                &os,
-                true,
-            )?)
-        }
-        None => {
-            drop_session(&store, &point, &os)?;
-            Some(attach_session(
-                ctx,
-                &format!("{os_image}@{os_version}"),
-                &os,
-                true,
-            )?)
+            let spec = format!("{os_image}@{os_version}");
+            Some(attach_session(ctx, &spec, &os, true)?)
         }
     };
 
     let user = d.user_image.clone();
     let mut recovery = None;
+    // What this point last knew the hub's user disk to be.
+    let known = |s: &strata_point::SessionState| {
+        s.hub_tip
+            .clone()
+            .unwrap_or_else(|| s.origin_version.clone())
+    };
     let user_attach = match state.sessions.get(&user) {
-        Some(s) => {
-            let ours = s
-                .hub_tip
-                .clone()
-                .unwrap_or_else(|| s.origin_version.clone());
-            if ours == user_version {
-                None
-            } else {
+        Some(s) if known(s) == user_version => None,
+        current => {
+            if current.is_some() {
+                // The hub moved without this point: keep what it has first.
                 recovery = recover(ctx, &store, &point, &rt, &user, &user_version)?;
-                drop_session(&store, &point, &user)?;
-                Some(attach_session(
-                    ctx,
-                    &format!("{user}@{user_version}"),
-                    &user,
-                    false,
-                )?)
             }
-        }
-        None => {
             drop_session(&store, &point, &user)?;
-            Some(attach_session(
-                ctx,
-                &format!("{user}@{user_version}"),
-                &user,
-                false,
-            )?)
+            let spec = format!("{user}@{user_version}");
+            Some(attach_session(ctx, &spec, &user, false)?)
         }
     };
 

@@ -459,19 +459,11 @@ fn encode_step(hub: &Hub, step: &[Want]) -> Result<Vec<Frame>, StoreError> {
             let Some((kind, raw)) = obj else {
                 return Frame::Missing(w.id);
             };
-            let body = match base {
-                Some((bid, (bkind, braw))) if bkind == kind && bid != w.id => {
-                    match strata_sync::delta::encode(&braw, &raw, level) {
-                        Ok(z) if z.len() + 36 < raw.len() => ObjBody::Delta {
-                            base: bid,
-                            raw_len: raw.len() as u32,
-                            zframe: z,
-                        },
-                        _ => ObjBody::Raw(raw),
-                    }
-                }
-                _ => ObjBody::Raw(raw),
-            };
+            let base = base
+                .as_ref()
+                .filter(|(_, (bkind, _))| *bkind == kind)
+                .map(|(bid, (_, braw))| (*bid, braw.as_slice()));
+            let body = strata_sync::delta::smaller_body(raw, &w.id, base, level);
             Frame::Object {
                 kind,
                 id: w.id,

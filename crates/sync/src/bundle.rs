@@ -144,26 +144,6 @@ impl<W: Write> Exporter<'_, W> {
         self.out.put(&b)
     }
 
-    /// Bytes of `id` encoded against `base` when that is smaller, else whole.
-    fn body(level: i32, raw: Vec<u8>, base: Option<(ChunkId, Vec<u8>)>) -> (Body, bool) {
-        if let Some((bid, b)) = base {
-            if let Ok(z) = crate::delta::encode(&b, &raw, level) {
-                if z.len() + 36 < raw.len() {
-                    let raw_len = raw.len() as u32;
-                    return (
-                        Body::Delta {
-                            base: bid,
-                            raw_len,
-                            zframe: z,
-                        },
-                        true,
-                    );
-                }
-            }
-        }
-        (Body::Raw(raw), false)
-    }
-
     /// Write `objs` (id, counterpart in the `since` tree), read in one go and encoded
     /// on all cores.
     fn objects(&mut self, objs: &[(ChunkId, Option<ChunkId>)]) -> Result<()> {
@@ -185,7 +165,9 @@ impl<W: Write> Exporter<'_, W> {
             .into_par_iter()
             .map(|(kind, id, raw, base)| {
                 let len = raw.len();
-                let (body, delta) = Self::body(level, raw, base);
+                let base = base.as_ref().map(|(b, braw)| (*b, braw.as_slice()));
+                let body = crate::delta::smaller_body(raw, &id, base, level);
+                let delta = matches!(body, Body::Delta { .. });
                 (Frame::Object { kind, id, body }, len, delta)
             })
             .collect();

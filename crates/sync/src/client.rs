@@ -776,17 +776,8 @@ pub fn encode_upload(objects: Vec<UploadObject>, level: i32) -> Result<Vec<u8>> 
     let frames: Vec<Frame> = objects
         .into_par_iter()
         .map(|o| {
-            let body = match &o.base {
-                Some((bid, b)) if *bid != o.id => match crate::delta::encode(b, &o.raw, level) {
-                    Ok(z) if z.len() + 36 < o.raw.len() => Body::Delta {
-                        base: *bid,
-                        raw_len: o.raw.len() as u32,
-                        zframe: z,
-                    },
-                    _ => Body::Raw(o.raw),
-                },
-                _ => Body::Raw(o.raw),
-            };
+            let base = o.base.as_ref().map(|(bid, b)| (*bid, b.as_slice()));
+            let body = crate::delta::smaller_body(o.raw, &o.id, base, level);
             Frame::Object {
                 kind: o.kind,
                 id: o.id,

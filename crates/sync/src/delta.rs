@@ -8,7 +8,32 @@
 //! so a wrong or damaged base can never yield a wrong block, only a refused one.
 
 use crate::error::{Result, SyncError};
-use crate::frame::{MAX_OBJECT, MAX_WINDOW_LOG};
+use crate::frame::{Body, MAX_OBJECT, MAX_WINDOW_LOG};
+use strata_store::ChunkId;
+
+/// How object `raw` travels to a receiver that holds `base` (id, bytes): as a delta
+/// against it when that is smaller than the object, else as its bytes (which the
+/// batch's stream compresses with its neighbours). A base equal to the object
+/// itself is never used.
+pub fn smaller_body(
+    raw: Vec<u8>,
+    id: &ChunkId,
+    base: Option<(ChunkId, &[u8])>,
+    level: i32,
+) -> Body {
+    if let Some((bid, b)) = base.filter(|(bid, _)| bid != id) {
+        if let Ok(z) = encode(b, &raw, level) {
+            if z.len() + 36 < raw.len() {
+                return Body::Delta {
+                    base: bid,
+                    raw_len: raw.len() as u32,
+                    zframe: z,
+                };
+            }
+        }
+    }
+    Body::Raw(raw)
+}
 use zstd::zstd_safe::{CCtx, CParameter, DCtx, DParameter};
 
 /// Compress `target` with `base` as a prefix dictionary at `level`.
