@@ -138,9 +138,19 @@ fn desktop_story_offline_update_transfer_and_recovery() {
     env.publish(&gold2, "gold");
     operator(&env, &["channel", "publish", "gold@main", "win/production"]);
 
-    // A's next start runs v2 (its OS delta dropped), the user disk intact.
+    // A's next sync round fetches v2 ahead of the next start (only what it lacks);
+    // the start then switches without streaming.
     let before = proxy.bytes_to_client();
+    let r = json(Some(&a), &["point", "sync"]);
+    assert_eq!(r["prefetched"].as_array().map(Vec::len), Some(1), "{r:#}");
+    let before_start = proxy.bytes_to_client();
     let s2 = start(&a, &sock_a);
+    let at_start = proxy.bytes_to_client() - before_start;
+    assert!(s2["os"]["streaming_blocks"].is_null(), "{s2:#}");
+    assert!(
+        at_start < 256 << 10,
+        "{at_start} bytes at start after the prefetch"
+    );
     assert_eq!(s2["os"]["switched_from"], s["os"]["version"]);
     let st = wait_all_local(&a);
     assert!(identical(&gold2.display().to_string(), "raw", &os, "raw"));

@@ -77,6 +77,10 @@ pub struct SyncReport {
     pub time: i64,
     pub ok: bool,
     pub sessions: Vec<SessionSync>,
+    /// New channel versions of desktops held here, fetched ahead of their next start
+    /// (`IMAGE@VERSION`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub prefetched: Vec<String>,
     /// Bytes on the wire for the whole round.
     pub wire_sent: u64,
     pub wire_received: u64,
@@ -382,6 +386,7 @@ impl Point {
             report.sessions.push(r);
         }
         report.ok = report.sessions.iter().all(|s| s.error.is_none());
+        self.prefetch_channels(&mut report).await;
         let wire = self.client.wire();
         report.wire_sent = wire.sent - wire0.sent;
         report.wire_received = wire.received - wire0.received;
@@ -401,6 +406,43 @@ impl Point {
             tracing::warn!(error = %e, "could not record the sync round");
         }
         report
+    }
+
+    /// For each desktop held here (one whose OS disk this point runs) whose channel
+    /// moved to a version not local yet: fetch it now, only the blocks not already
+    /// here, so the next start switches without waiting. A failure is logged and left
+    /// to the next round (the start streams what is missing anyway).
+    async fn prefetch_channels(&self, report: &mut SyncReport) {
+        let runs_desktops = self
+            .state()
+            .is_ok_and(|st| st.sessions.values().any(|s| s.disposable));
+        if !runs_desktops {
+            return;
+        }
+        let desktops = match self.client.desktops().await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::debug!(error = %e, "could not ask the hub for this point's desktops");
+                return;
+            }
+        };
+        for d in desktops {
+            let (Some(image), Some(version)) = (d.os_image, d.os_version) else {
+                continue;
+            };
+            let Some(vid) = VersionId::from_hex(&version) else {
+                continue;
+            };
+            if self.store.load_version(&vid).is_ok() {
+                continue;
+            }
+            match self.pull(&image, &version, 1, None).await {
+                Ok(_) => report.prefetched.push(format!("{image}@{version}")),
+                Err(e) => {
+                    tracing::warn!(%image, %version, error = %e, "could not prefetch a channel's new version")
+                }
+            }
+        }
     }
 
     /// Push the local tip of a desktop's user disk that this point no longer holds to
