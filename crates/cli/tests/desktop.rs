@@ -9,7 +9,7 @@
 //! tail becomes a recovery version on the hub.
 
 mod common;
-use common::hub::{fails, json, make_raw, ok, qemu_io_ok, Agent, Env, Hub, MIB};
+use common::hub::{fails, json, make_raw, ok, qemu_io_ok, Agent, Env, Hub, HubOpts, MIB};
 use common::{identical, p};
 
 use std::path::Path;
@@ -267,4 +267,116 @@ fn desktop_story_offline_update_transfer_and_recovery() {
     drop(agent_a);
     drop(agent_b);
     ok(Some(&env.hub_store()), &["verify"]);
+}
+
+/// The operator's commands end to end: channel promote, rollback and log; desktop
+/// restore to a restore point and its undo, seen by the point's next start (which
+/// keeps the point's own unsynced changes as a recovery branch).
+#[test]
+fn operator_commands_channels_and_restore() {
+    let env = Env::new();
+    // The default policy keeps the newest restore point of each hour; this test
+    // makes three in a few seconds and wants them all.
+    let hub = Hub::start_opts(
+        &env.hub_dir(),
+        HubOpts {
+            extra: &["--retention", "last=10"],
+            ..HubOpts::default()
+        },
+    );
+    let gold = env.path("gold.raw");
+    make_raw(&gold, 8 * MIB, &[(0, 4 * MIB)], 5);
+    env.publish(&gold, "gold");
+    operator(&env, &["channel", "publish", "gold@main", "win/dev"]);
+    let prod = operator(&env, &["channel", "promote", "win/dev", "win/production"]);
+    assert_eq!(prod["seq"], 1);
+    make_raw(&gold, 8 * MIB, &[(0, 4 * MIB)], 6);
+    env.publish(&gold, "gold");
+    operator(&env, &["channel", "publish", "gold@main", "win/production"]);
+    let back = operator(&env, &["channel", "rollback", "win/production"]);
+    assert_eq!(back["version"], prod["version"]);
+    let log = operator(&env, &["channel", "log", "win/production"]);
+    let actions: Vec<&str> = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, ["rollback", "publish", "promote"], "newest first");
+    let err = fails(
+        None,
+        &[
+            "channel",
+            "rollback",
+            "win/production",
+            "--expect-seq",
+            "1",
+            "--dir",
+            p(&env.hub_dir()),
+        ],
+    );
+    assert!(err.contains("#3"), "{err}");
+
+    operator(
+        &env,
+        &[
+            "desktop",
+            "create",
+            "d1",
+            "--channel",
+            "win/production",
+            "--size",
+            "4M",
+        ],
+    );
+    let a = env.point("a", &hub.url());
+    let sock = env.path("a.sock");
+    let agent = Agent::spawn(None, &a, &sock, "1h", &[]);
+    start(&a, &sock);
+    wait_all_local(&a);
+    let user = agent.uri("desktops/d1/user");
+    pattern_ok(&user, &["write -P 0x21 0 64k"]);
+    assert_eq!(json(Some(&a), &["point", "sync"])["ok"], true);
+    // Restore points are named by their versions' times (seconds): next second.
+    std::thread::sleep(Duration::from_millis(1100));
+    pattern_ok(&user, &["write -P 0x22 0 64k"]);
+    assert_eq!(json(Some(&a), &["point", "sync"])["ok"], true);
+    let rps = operator(&env, &["desktop", "restore-points", "d1"]);
+    assert_eq!(
+        rps.as_array().unwrap().len(),
+        3,
+        "empty, 0x21, 0x22: {rps:#}"
+    );
+    let first_write = rps[1]["version"].as_str().unwrap().to_string();
+    let r = operator(&env, &["desktop", "restore", "d1", "--to", &first_write]);
+    assert_eq!(r["restored_from"], first_write.as_str());
+    // The point wrote more meanwhile; its next start keeps that as a recovery
+    // branch and continues from the restored state.
+    pattern_ok(&user, &["write -P 0x23 64k 64k"]);
+    let s = start(&a, &sock);
+    let rec = s["user"]["recovery"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{s:#}"))
+        .to_string();
+    wait_all_local(&a);
+    pattern_ok(&user, &["read -P 0x21 0 64k", "read -P 0 64k 64k"]);
+    let tail = env.hub_export(&format!("desktops/d1/user@{rec}"), "rec.raw");
+    pattern_ok(p(&tail), &["read -P 0x23 64k 64k"]);
+    // Undo the restore from the operator's side too: back to 0x22.
+    let undo = operator(
+        &env,
+        &[
+            "desktop",
+            "restore",
+            "d1",
+            "--to",
+            r["previous"].as_str().unwrap(),
+        ],
+    );
+    let state = env.hub_export(
+        &format!("desktops/d1/user@{}", undo["version"].as_str().unwrap()),
+        "undo.raw",
+    );
+    pattern_ok(p(&state), &["read -P 0x22 0 64k"]);
+    drop(agent);
 }
