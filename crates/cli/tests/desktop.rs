@@ -227,20 +227,16 @@ fn desktop_story_offline_update_transfer_and_recovery() {
     }
     // Run it anywhere: the hub serves the desktop's synced disks itself.
     let sock_dc = env.path("dc.sock");
-    let mut dc = std::process::Command::new(common::bin())
-        .args(["--json", "hub", "desktop", "serve", "d1", "--dir"])
-        .arg(env.hub_dir())
-        .arg("--socket")
-        .arg(&sock_dc)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(dc.stdout.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut lines, &mut line).unwrap();
-    let exports: Value = serde_json::from_str(&line).unwrap();
-    line.clear();
-    std::io::BufRead::read_line(&mut lines, &mut line).unwrap();
+    // It prints the two exports, then that it serves.
+    let (mut dc, lines) = common::spawn_announcing(
+        std::process::Command::new(common::bin())
+            .args(["--json", "hub", "desktop", "serve", "d1", "--dir"])
+            .arg(env.hub_dir())
+            .arg("--socket")
+            .arg(&sock_dc),
+        2,
+    );
+    let exports: Value = serde_json::from_str(&lines[0]).unwrap();
     let uri = |e: &Value| format!("nbd+unix:///{}?socket={}", e.as_str().unwrap(), p(&sock_dc));
     assert!(identical(
         &gold2.display().to_string(),

@@ -11,10 +11,10 @@
 
 mod common;
 use common::hub::{
-    fails, fails_in, json, json_in, make_mixed, make_pki, make_raw, ok, ok_in, strata, wait_local,
-    Agent, Env, Hub, HubOpts, MIB,
+    fails, fails_in, json, json_in, make_mixed, make_raw, ok, ok_in, strata, wait_local, Agent,
+    Env, Hub, HubOpts, MIB,
 };
-use common::{identical, p, run_tool, Rng};
+use common::{identical, make_pki, p, run_tool, Rng};
 
 use std::path::Path;
 use std::process::{Command, Stdio};

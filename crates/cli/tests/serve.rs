@@ -3,9 +3,8 @@
 //! the same writes, commits while a server holds the session.
 
 mod common;
-use common::{identical, p, run_tool as run};
+use common::{identical, p, run_tool as run, spawn_announcing};
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
@@ -59,20 +58,16 @@ impl Env {
     /// `serve` with more options.
     fn serve_with(&self, extra: &[&str]) -> Server {
         let sock = self.path("nbd.sock");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_strata"))
-            .arg("--store")
-            .arg(&self.store)
-            .args(["serve", "--listen", "127.0.0.1:0", "--socket"])
-            .arg(&sock)
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let (child, mut lines) = spawn_announcing(
+            Command::new(env!("CARGO_BIN_EXE_strata"))
+                .arg("--store")
+                .arg(&self.store)
+                .args(["serve", "--listen", "127.0.0.1:0", "--socket"])
+                .arg(&sock)
+                .args(extra),
+            1,
+        );
+        let line = lines.remove(0);
         let port = line
             .split("tcp 127.0.0.1:")
             .nth(1)
@@ -664,69 +659,17 @@ fn qemu_boots_linux_from_a_session_and_the_commit_keeps_what_it_wrote() {
     env.ok(&["verify"]);
 }
 
-/// A CA and a server certificate for localhost/127.0.0.1 made with openssl, in the
-/// layout `strata serve --tls-dir` and qemu's `tls-creds-x509` read: `server/`
+/// A CA and a server certificate for localhost/127.0.0.1 ([`common::make_pki`]), in
+/// the layout `strata serve --tls-dir` and qemu's `tls-creds-x509` read: `server/`
 /// (server-cert.pem, server-key.pem) and `client/` (ca-cert.pem).
 fn make_pki(root: &Path) -> (PathBuf, PathBuf) {
+    let pki = common::make_pki(root, &["127.0.0.1"]);
     let (server, client) = (root.join("server"), root.join("client"));
     std::fs::create_dir_all(&server).unwrap();
     std::fs::create_dir_all(&client).unwrap();
-    let ca_key = root.join("ca-key.pem");
-    let ca_cert = client.join("ca-cert.pem");
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let mut args = vec!["req", "-x509"];
-    args.extend(ec);
-    args.extend(["-keyout", p(&ca_key), "-out", p(&ca_cert), "-days", "2"]);
-    args.extend(["-subj", "/CN=strata test CA"]);
-    args.extend(["-addext", "basicConstraints=critical,CA:TRUE"]);
-    args.extend(["-addext", "keyUsage=critical,keyCertSign,cRLSign"]);
-    run("openssl", &args);
-    let csr = root.join("server.csr");
-    let mut args = vec!["req"];
-    args.extend(ec);
-    let key = server.join("server-key.pem");
-    args.extend([
-        "-keyout",
-        p(&key),
-        "-out",
-        p(&csr),
-        "-subj",
-        "/CN=localhost",
-    ]);
-    run("openssl", &args);
-    let ext = root.join("ext.cnf");
-    std::fs::write(
-        &ext,
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    let cert = server.join("server-cert.pem");
-    run(
-        "openssl",
-        &[
-            "x509",
-            "-req",
-            "-in",
-            p(&csr),
-            "-CA",
-            p(&ca_cert),
-            "-CAkey",
-            p(&ca_key),
-            "-CAcreateserial",
-            "-out",
-            p(&cert),
-            "-days",
-            "2",
-            "-extfile",
-            p(&ext),
-        ],
-    );
+    std::fs::rename(&pki.cert, server.join("server-cert.pem")).unwrap();
+    std::fs::rename(&pki.key, server.join("server-key.pem")).unwrap();
+    std::fs::copy(&pki.ca, client.join("ca-cert.pem")).unwrap();
     (server, client)
 }
 
@@ -847,19 +790,15 @@ fn session_ls_counts_connected_clients() {
     let hold = |export: &str| {
         // nbdsh runs `python3 -m nbd`: Debian's python has the module.
         let path = format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default());
-        let mut c = Command::new("nbdsh")
-            .env("PATH", path)
-            .args(["-u", &srv.unix(export), "-c"])
-            .arg("import sys; print('up', flush=True); sys.stdin.read()")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(c.stdout.as_mut().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert_eq!(line.trim(), "up");
+        let (c, lines) = spawn_announcing(
+            Command::new("nbdsh")
+                .env("PATH", path)
+                .args(["-u", &srv.unix(export), "-c"])
+                .arg("import sys; print('up', flush=True); sys.stdin.read()")
+                .stdin(Stdio::piped()),
+            1,
+        );
+        assert_eq!(lines[0].trim(), "up");
         c
     };
     let held: Vec<Child> = vec![hold("a"), hold("a"), hold("b")];

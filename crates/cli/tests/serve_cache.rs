@@ -3,11 +3,10 @@
 //! writes only; the cache leaves nothing in the store for gc or verify.
 
 mod common;
-use common::{identical, p, run_tool as run};
+use common::{identical, p, run_tool as run, spawn_announcing};
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 
 fn strata(store: &Path, args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_strata"))
@@ -73,20 +72,15 @@ fn sessions_and_exports_of_one_version_share_one_cache_file() {
     }
 
     let sock: PathBuf = tmp.path().join("nbd.sock");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_strata"))
-        .arg("--store")
-        .arg(&store)
-        .args(["serve", "--socket"])
-        .arg(&sock)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.starts_with("serving"), "{line:?}");
+    let (child, lines) = spawn_announcing(
+        Command::new(env!("CARGO_BIN_EXE_strata"))
+            .arg("--store")
+            .arg(&store)
+            .args(["serve", "--socket"])
+            .arg(&sock),
+        1,
+    );
+    assert!(lines[0].starts_with("serving"), "{lines:?}");
     let server = Serve(child);
     let uri = |export: &str| format!("nbd+unix:///{export}?socket={}", sock.display());
     let cache = store.join("cache");

@@ -10,18 +10,17 @@
 //! * [`Hub`], [`Agent`]: the long-running processes, killed when dropped.
 //! * [`Env`]: a hub directory, an operator's store and room for points, with the
 //!   operator's commands (`publish`, `admin`, `point`, `hub_export`).
-//! * [`make_raw`], [`make_mixed`]: image content; [`make_pki`]: a CA and a server
-//!   certificate made with openssl.
+//! * [`make_raw`], [`make_mixed`]: image content (a CA and server certificate for
+//!   an https hub: [`super::make_pki`]).
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::{bin, p, run_tool, text_bytes, Rng};
+use super::{bin, p, spawn_announcing, text_bytes, Rng};
 
 pub const MIB: u64 = 1 << 20;
 
@@ -203,17 +202,13 @@ impl Hub {
 
     pub fn start_opts(dir: &Path, opts: HubOpts) -> Hub {
         let listen = opts.listen.unwrap_or("127.0.0.1:0");
-        let mut child = command_in(opts.netns)
-            .args(["--json", "hub", "run", p(dir), "--listen", listen])
-            .args(opts.extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let (child, mut lines) = spawn_announcing(
+            command_in(opts.netns)
+                .args(["--json", "hub", "run", p(dir), "--listen", listen])
+                .args(opts.extra),
+            1,
+        );
+        let line = lines.remove(0);
         let v: Value =
             serde_json::from_str(&line).unwrap_or_else(|e| panic!("hub run printed {line:?}: {e}"));
         let listen = v["listen"].as_str().unwrap().to_string();
@@ -275,21 +270,16 @@ impl Agent {
         interval: &str,
         extra: &[&str],
     ) -> Agent {
-        let mut child = command_in(ns)
-            .arg("--store")
-            .arg(store)
-            .args(["point", "run", "--sync-interval", interval])
-            .args(["--socket", p(sock)])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(line.contains("serving"), "point run printed {line:?}");
+        let (child, lines) = spawn_announcing(
+            command_in(ns)
+                .arg("--store")
+                .arg(store)
+                .args(["point", "run", "--sync-interval", interval])
+                .args(["--socket", p(sock)])
+                .args(extra),
+            1,
+        );
+        assert!(lines[0].contains("serving"), "point run printed {lines:?}");
         Agent {
             child,
             sock: sock.to_path_buf(),
@@ -460,76 +450,4 @@ impl Env {
         ok(Some(&self.hub_store()), &["export", spec, p(&f), "--force"]);
         f
     }
-}
-
-/// A CA and a server certificate signed by it, made with openssl.
-pub struct Pki {
-    /// The CA certificate (what clients trust).
-    pub ca: PathBuf,
-    /// The server's certificate and key (PEM).
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
-
-/// Make a CA and a server certificate for `localhost` and the IP addresses `ips`
-/// under `root` (created).
-pub fn make_pki(root: &Path, ips: &[&str]) -> Pki {
-    std::fs::create_dir_all(root).unwrap();
-    let ca_key = root.join("ca-key.pem");
-    let ca = root.join("ca.pem");
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let mut args = vec!["req", "-x509"];
-    args.extend(ec);
-    args.extend(["-keyout", p(&ca_key), "-out", p(&ca), "-days", "2"]);
-    args.extend(["-subj", "/CN=strata test CA"]);
-    args.extend(["-addext", "basicConstraints=critical,CA:TRUE"]);
-    args.extend(["-addext", "keyUsage=critical,keyCertSign,cRLSign"]);
-    run_tool("openssl", &args);
-    let csr = root.join("server.csr");
-    let key = root.join("server-key.pem");
-    let mut args = vec!["req"];
-    args.extend(ec);
-    args.extend([
-        "-keyout",
-        p(&key),
-        "-out",
-        p(&csr),
-        "-subj",
-        "/CN=localhost",
-    ]);
-    run_tool("openssl", &args);
-    let ext = root.join("ext.cnf");
-    let mut san = String::from("subjectAltName=DNS:localhost");
-    for ip in ips {
-        san.push_str(&format!(",IP:{ip}"));
-    }
-    std::fs::write(&ext, format!("{san}\nextendedKeyUsage=serverAuth\n")).unwrap();
-    let cert = root.join("server-cert.pem");
-    run_tool(
-        "openssl",
-        &[
-            "x509",
-            "-req",
-            "-in",
-            p(&csr),
-            "-CA",
-            p(&ca),
-            "-CAkey",
-            p(&ca_key),
-            "-CAcreateserial",
-            "-out",
-            p(&cert),
-            "-days",
-            "2",
-            "-extfile",
-            p(&ext),
-        ],
-    );
-    Pki { ca, cert, key }
 }

@@ -17,9 +17,10 @@
 pub mod hub;
 
 use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 
 use serde_json::Value;
 use tempfile::TempDir;
@@ -295,6 +296,25 @@ fn list_dir(dir: &Path) -> Vec<String> {
     };
     v.sort();
     v
+}
+
+/// Start `cmd` with stdout piped (stderr inherited) and read the first `n` lines it
+/// prints — what a server announces once it listens — leaving it running.
+pub fn spawn_announcing(cmd: &mut Command, n: usize) -> (Child, Vec<String>) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("the program starts");
+    let mut out = BufReader::new(child.stdout.as_mut().expect("stdout is piped"));
+    let lines = (0..n)
+        .map(|_| {
+            let mut line = String::new();
+            out.read_line(&mut line).expect("reading its output");
+            line
+        })
+        .collect();
+    (child, lines)
 }
 
 // ---- qemu ----------------------------------------------------------------------------
@@ -603,4 +623,78 @@ pub fn flip_byte(file: &Path, offset: u64, mask: u8) {
     b[0] ^= mask;
     f.write_all_at(&b, offset).unwrap();
     f.sync_all().unwrap();
+}
+
+// ---- TLS ---------------------------------------------------------------------------
+
+/// A CA and a server certificate signed by it, made with openssl.
+pub struct Pki {
+    /// The CA certificate (what clients trust).
+    pub ca: PathBuf,
+    /// The server's certificate and key (PEM).
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Make a CA and a server certificate for `localhost` and the IP addresses `ips`
+/// under `root` (created).
+pub fn make_pki(root: &Path, ips: &[&str]) -> Pki {
+    std::fs::create_dir_all(root).unwrap();
+    let ca_key = root.join("ca-key.pem");
+    let ca = root.join("ca.pem");
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut args = vec!["req", "-x509"];
+    args.extend(ec);
+    args.extend(["-keyout", p(&ca_key), "-out", p(&ca), "-days", "2"]);
+    args.extend(["-subj", "/CN=strata test CA"]);
+    args.extend(["-addext", "basicConstraints=critical,CA:TRUE"]);
+    args.extend(["-addext", "keyUsage=critical,keyCertSign,cRLSign"]);
+    run_tool("openssl", &args);
+    let csr = root.join("server.csr");
+    let key = root.join("server-key.pem");
+    let mut args = vec!["req"];
+    args.extend(ec);
+    args.extend([
+        "-keyout",
+        p(&key),
+        "-out",
+        p(&csr),
+        "-subj",
+        "/CN=localhost",
+    ]);
+    run_tool("openssl", &args);
+    let ext = root.join("ext.cnf");
+    let mut san = String::from("subjectAltName=DNS:localhost");
+    for ip in ips {
+        san.push_str(&format!(",IP:{ip}"));
+    }
+    std::fs::write(&ext, format!("{san}\nextendedKeyUsage=serverAuth\n")).unwrap();
+    let cert = root.join("server-cert.pem");
+    run_tool(
+        "openssl",
+        &[
+            "x509",
+            "-req",
+            "-in",
+            p(&csr),
+            "-CA",
+            p(&ca),
+            "-CAkey",
+            p(&ca_key),
+            "-CAcreateserial",
+            "-out",
+            p(&cert),
+            "-days",
+            "2",
+            "-extfile",
+            p(&ext),
+        ],
+    );
+    Pki { ca, cert, key }
 }
