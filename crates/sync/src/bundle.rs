@@ -40,7 +40,6 @@ use strata_store::{
     WriteSession,
 };
 
-use crate::client::BaseSource;
 use crate::error::{Result, SyncError};
 use crate::frame::{Body, Frame, FrameReader, FrameWriter, DEFAULT_LEVEL};
 
@@ -441,26 +440,9 @@ pub fn import(
                     "bundle continues after its version record".into(),
                 ));
             }
-            let raw = match body {
-                Body::Raw(r) => r,
-                Body::Delta {
-                    base,
-                    raw_len,
-                    zframe,
-                } => {
-                    let b = store.base(&base).ok_or_else(|| SyncError::Corrupt {
-                        id,
-                        reason: format!("its delta base {base} is not in this store"),
-                    })?;
-                    stats.deltas += 1;
-                    crate::delta::decode(&b, &zframe, raw_len as usize).map_err(|e| {
-                        SyncError::Corrupt {
-                            id,
-                            reason: e.to_string(),
-                        }
-                    })?
-                }
-            };
+            stats.deltas += matches!(body, Body::Delta { .. }) as u64;
+            let raw = crate::delta::resolve(body, store)
+                .map_err(|reason| SyncError::Corrupt { id, reason })?;
             if kind == ObjectKind::Version {
                 if id != vid {
                     return Err(SyncError::Invalid(format!(

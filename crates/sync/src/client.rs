@@ -721,31 +721,22 @@ fn accept(
                     "hub sent object {id} that was not asked for (or twice)"
                 )));
             };
-            let raw = match body {
-                Body::Raw(r) => r,
-                Body::Delta {
-                    base,
-                    raw_len,
-                    zframe,
-                } => {
-                    if want_base != Some(base) {
-                        out.corrupt
-                            .push((id, "delta against a base that was not offered".into()));
-                        return Ok(());
-                    }
-                    let Some(b) = bases.base(&base) else {
-                        out.corrupt
-                            .push((id, format!("delta base {base} is not here")));
-                        return Ok(());
-                    };
-                    out.deltas += 1;
-                    match crate::delta::decode(&b, &zframe, raw_len as usize) {
-                        Ok(r) => r,
-                        Err(e) => {
-                            out.corrupt.push((id, e.to_string()));
-                            return Ok(());
-                        }
-                    }
+            if let Body::Delta { base, .. } = &body {
+                if want_base != Some(*base) {
+                    out.corrupt
+                        .push((id, "delta against a base that was not offered".into()));
+                    return Ok(());
+                }
+            }
+            let delta = matches!(body, Body::Delta { .. });
+            let raw = match crate::delta::resolve(body, bases) {
+                Ok(r) => {
+                    out.deltas += delta as u64;
+                    r
+                }
+                Err(reason) => {
+                    out.corrupt.push((id, reason));
+                    return Ok(());
                 }
             };
             if ChunkId::for_object(kind, &raw) != id {

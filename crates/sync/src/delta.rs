@@ -87,6 +87,28 @@ pub fn decode(base: &[u8], zframe: &[u8], raw_len: usize) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// An object's bytes from the body it travelled in: a delta is decoded against its
+/// base, which `bases` must supply. `Err` says why the object cannot be had (the
+/// caller refuses it; its id is checked by the caller either way).
+pub fn resolve(
+    body: Body,
+    bases: &dyn crate::client::BaseSource,
+) -> std::result::Result<Vec<u8>, String> {
+    match body {
+        Body::Raw(r) => Ok(r),
+        Body::Delta {
+            base,
+            raw_len,
+            zframe,
+        } => {
+            let b = bases
+                .base(&base)
+                .ok_or_else(|| format!("its delta base {base} is not here"))?;
+            decode(&b, &zframe, raw_len as usize).map_err(|e| e.to_string())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
