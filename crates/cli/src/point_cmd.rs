@@ -657,58 +657,36 @@ fn agent(
     r
 }
 
-/// One sync round (through the agent if it runs), reported only by its outcome:
-/// true if every session is committed and on the hub.
-pub(crate) fn sync_quiet(ctx: &Ctx) -> Result<bool> {
+/// One sync round, through the agent if it runs (it holds the sessions open), else
+/// here: the round's report as JSON.
+fn sync_round(ctx: &Ctx) -> Result<serde_json::Value> {
     let (store, point) = open_point(ctx)?;
     if let Some(v) = agent_call(&point, serde_json::json!({"op": "sync"}))? {
-        return Ok(v["ok"] == true);
+        return Ok(v);
     }
     let committer = LocalCommitter {
         store,
         author: format!("{} ({})", default_author(), point.config().point),
     };
-    Ok(runtime()?.block_on(point.sync(&committer)).ok)
+    Ok(serde_json::to_value(
+        runtime()?.block_on(point.sync(&committer)),
+    )?)
+}
+
+/// [`sync_round`] reported only by its outcome: true if every session is committed
+/// and on the hub.
+pub(crate) fn sync_quiet(ctx: &Ctx) -> Result<bool> {
+    Ok(sync_round(ctx)?["ok"] == true)
 }
 
 pub(crate) fn sync(ctx: &Ctx) -> Result<ExitCode> {
-    let (store, point) = open_point(ctx)?;
-    let report: SyncReport = match UnixStream::connect(point.control_path()) {
-        Ok(mut s) => {
-            s.write_all(b"{\"op\":\"sync\"}\n")?;
-            let mut reply = String::new();
-            BufReader::new(s).read_line(&mut reply)?;
-            let v: serde_json::Value =
-                serde_json::from_str(&reply).context("reading the agent's reply")?;
-            if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
-                bail!("{e}");
-            }
-            if ctx.json {
-                print_json(&v);
-            } else {
-                print_round_value(&v);
-            }
-            return Ok(if v["ok"] == true {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            });
-        }
-        Err(_) => {
-            let committer = LocalCommitter {
-                store,
-                author: format!("{} ({})", default_author(), point.config().point),
-            };
-            runtime()?.block_on(point.sync(&committer))
-        }
-    };
-    let v = serde_json::to_value(&report)?;
+    let v = sync_round(ctx)?;
     if ctx.json {
         print_json(&v);
     } else {
         print_round_value(&v);
     }
-    Ok(if report.ok {
+    Ok(if v["ok"] == true {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

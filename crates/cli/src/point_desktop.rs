@@ -24,7 +24,6 @@ use serde::Serialize;
 use strata_block::SessionDisk;
 use strata_point::Point;
 use strata_store::{RefKind, Store, StoreError};
-use strata_sync::{Expect, PushOptions};
 
 use crate::cli::PointDesktopCommand;
 use crate::commands::Ctx;
@@ -127,24 +126,9 @@ fn recover(
     if local.to_hex() == hub_has {
         return Ok(None);
     }
-    let branch = format!(
-        "recovery/{}-{}",
-        point.config().point,
-        strata_store::catalog::now()
-    );
-    let opts = PushOptions {
-        expected: Expect::Value(None),
-        ..PushOptions::default()
-    };
-    rt.block_on(strata_sync::push(
-        store,
-        point.client(),
-        image,
-        &branch,
-        &local,
-        &opts,
-    ))
-    .with_context(|| format!("keeping this point's changes of {image} as {branch}"))?;
+    let branch = rt
+        .block_on(point.push_recovery(image, "main"))
+        .with_context(|| format!("keeping this point's changes of {image}"))?;
     Ok(Some(branch))
 }
 

@@ -64,6 +64,9 @@ pub trait MetaDb: Send + Sync {
     fn audit_log(&self, limit: u32) -> DbResult<Vec<AuditEntry>>;
     /// A channel's whole log, oldest first (empty: no such channel).
     fn channel_log(&self, channel: &str) -> DbResult<Vec<ChannelLogEntry>>;
+    /// A channel's newest entry: where it points (asked on every read a desktop's
+    /// holder makes, so without reading the whole log).
+    fn channel_head(&self, channel: &str) -> DbResult<Option<ChannelLogEntry>>;
     /// Every channel's current state.
     fn channels(&self) -> DbResult<Vec<ChannelInfo>>;
     /// Append `entry` to `channel`'s log — its `seq` must be one more than the log's
@@ -394,6 +397,19 @@ impl MetaDb for SqliteMeta {
         ))?;
         let rows = stmt.query_map([channel], channel_entry)?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn channel_head(&self, channel: &str) -> DbResult<Option<ChannelLogEntry>> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!(
+                    "SELECT {CHANNEL_COLUMNS} FROM channel_log WHERE channel = ? ORDER BY seq DESC LIMIT 1"
+                ),
+                [channel],
+                channel_entry,
+            )
+            .optional()?)
     }
 
     fn channels(&self) -> DbResult<Vec<ChannelInfo>> {

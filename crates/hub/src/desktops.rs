@@ -45,11 +45,7 @@ fn no_desktop(name: &str) -> ApiError {
 
 /// The image and version the desktop's channel points at now.
 fn channel_now(hub: &Hub, channel: &str) -> ApiResult<Option<(String, String)>> {
-    Ok(hub
-        .db
-        .channel_log(channel)?
-        .pop()
-        .map(|e| (e.image, e.version)))
+    Ok(hub.db.channel_head(channel)?.map(|e| (e.image, e.version)))
 }
 
 /// May point `p` read `image` because of a desktop it holds?
@@ -136,7 +132,7 @@ pub(crate) async fn create(
         if hub.db.desktop(&req.name)?.is_some() {
             return Err(conflict(format!("desktop {:?} exists", req.name)));
         }
-        if hub.db.channel_log(&req.channel)?.is_empty() {
+        if hub.db.channel_head(&req.channel)?.is_none() {
             return Err(ApiError::not_found(format!(
                 "no channel named {:?} (publish a version to it first)",
                 req.channel

@@ -448,18 +448,26 @@ impl Point {
     /// Push the local tip of a desktop's user disk that this point no longer holds to
     /// a new `recovery/POINT-TIME` branch on the hub, then forget the session.
     async fn recover(&self, name: &str, s: &SessionState) -> Result<String> {
-        let Some(tip) = self.store.get_ref(&s.image, RefKind::Branch, &s.branch)? else {
+        let branch = self.push_recovery(&s.image, &s.branch).await?;
+        self.forget_session(name)?;
+        Ok(branch)
+    }
+
+    /// Push the local tip of `image:branch` to a new branch `recovery/POINT-TIME` of
+    /// the hub's `image` (a former holder of a desktop may push only such branches),
+    /// so what only this point has is kept; returns the branch's name.
+    pub async fn push_recovery(&self, image: &str, branch: &str) -> Result<String> {
+        let Some(tip) = self.store.get_ref(image, RefKind::Branch, branch)? else {
             return Err(PointError::Invalid(format!(
-                "local branch {}:{} is gone",
-                s.image, s.branch
+                "local branch {image}:{branch} is gone"
             )));
         };
-        let branch = format!("recovery/{}-{}", self.config.point, now());
+        let recovery = format!("recovery/{}-{}", self.config.point, now());
         strata_sync::push(
             &self.store,
             &self.client,
-            &s.image,
-            &branch,
+            image,
+            &recovery,
             &tip,
             &PushOptions {
                 expected: Expect::Value(None),
@@ -467,8 +475,7 @@ impl Point {
             },
         )
         .await?;
-        self.forget_session(name)?;
-        Ok(branch)
+        Ok(recovery)
     }
 
     /// Push the local tip of a session's branch if the hub (as far as we know) lacks
