@@ -431,9 +431,10 @@ impl Streaming {
 }
 
 impl Streaming {
-    /// Stop serving session `name` (refused while a VM is connected to it).
-    fn release(&self, name: &str) -> Result<()> {
-        self.exports.release_session(name)?;
+    /// Stop serving session `name`; unless `force`, refused while a VM is connected
+    /// to it.
+    fn release(&self, name: &str, force: bool) -> Result<()> {
+        self.exports.release_session(name, force)?;
         self.held.lock().unwrap().retain(|(n, _)| n != name);
         Ok(())
     }
@@ -499,13 +500,8 @@ fn log_round(r: &SyncReport) {
 fn stop_lost(streaming: &Streaming, r: &SyncReport) {
     for s in r.sessions.iter().filter(|s| s.recovered.is_some()) {
         // Its writes up to this round's commit are in the recovery version; the
-        // session itself goes, so no VM can write to it again here.
-        let _ = streaming.exports.release_session(&s.session);
-        streaming
-            .held
-            .lock()
-            .unwrap()
-            .retain(|(n, _)| n != &s.session);
+        // session itself goes, so no new connection can write to it here.
+        let _ = streaming.release(&s.session, true);
         if let Err(e) = crate::session::remove(&streaming.store, &s.session) {
             tracing::warn!(session = %s.session, error = %e, "could not remove a lost desktop's session");
         }
@@ -567,7 +563,7 @@ fn control_loop(
                 }
                 Ok(v) if v["op"] == "release" => {
                     let name = v["session"].as_str().unwrap_or_default();
-                    match streaming.release(name) {
+                    match streaming.release(name, false) {
                         Ok(()) => serde_json::json!({"released": name}),
                         Err(e) => serde_json::json!({"error": format!("{e:#}")}),
                     }

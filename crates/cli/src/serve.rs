@@ -91,10 +91,11 @@ impl StoreExports {
         self.sessions.lock().unwrap().insert(name.to_string(), disk);
     }
 
-    /// Stop serving session `name` (so it can be removed or replaced); refused while
-    /// a client is connected to it. True if it was open.
-    pub fn release_session(&self, name: &str) -> Result<bool> {
-        if let Some(n) = self.clients.lock().unwrap().get(name) {
+    /// Stop serving session `name` to new connections (so it can be removed or
+    /// replaced); unless `force`, refused while a client is connected to it (with it,
+    /// connected clients keep their open disk). True if it was open.
+    pub fn release_session(&self, name: &str, force: bool) -> Result<bool> {
+        if let Some(n) = self.clients.lock().unwrap().get(name).filter(|_| !force) {
             anyhow::bail!("session {name} has {n} connected client(s); stop the VM first");
         }
         Ok(self.sessions.lock().unwrap().remove(name).is_some())
