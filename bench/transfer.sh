@@ -288,7 +288,7 @@ start_agent() {
 }
 # strata_note JSON PATH: what a transfer report at PATH says it moved
 strata_note() {
-    jq -r "$2"' | "\(.data_objects) data objects (\(.deltas) as deltas), \(.tree_objects) tree nodes, \(.logical_bytes / 1e4 | round / 100) MB logical"' "$1"
+    jq -r "$2"' | "\(.data_objects) data objects (\(.deltas) as deltas, \(.paged // 0) with page runs), \(.tree_objects) tree nodes, \(.logical_bytes / 1e4 | round / 100) MB logical"' "$1"
 }
 stop_pid() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 

@@ -96,7 +96,11 @@ fn export(
             &store,
             &s.image,
             &vid,
-            &ExportOptions { since, level },
+            &ExportOptions {
+                since,
+                level,
+                ..ExportOptions::default()
+            },
             &mut w,
             &|blocks| bar.set_position((blocks * bs).min(version.virtual_size)),
         )?;

@@ -107,6 +107,9 @@ fn move_channel(
             detail,
         };
         if hub.db.channel_append(channel, &entry)? {
+            // Points will hold this version when the channel next moves: index its
+            // pages now, ahead of that rollout.
+            hub.pages.prepare(&hub.store, vid);
             return Ok(info(channel, &entry));
         }
         let _ = hub.store.delete_ref(&entry.image, RefKind::Tag, &tag);

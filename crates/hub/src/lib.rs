@@ -13,6 +13,7 @@
 //!   store/         the hub's store (an ordinary Strata store)
 //!   hub.sqlite     metadata (SQLite, WAL)
 //!   admin.token    the operators' bearer credential, mode 0600, made by `init`
+//!   page-index/    page indexes of versions points pull against (a cache)
 //! ```
 //!
 //! **Access.** A point authenticates with its bearer credential (from enrolment);
@@ -36,6 +37,7 @@
 mod channels;
 pub mod db;
 mod desktops;
+mod pages;
 pub mod retention;
 mod routes;
 
@@ -147,6 +149,7 @@ pub(crate) struct Hub {
     pub level: i32,
     pub enrollment_ttl: Duration,
     pub retention: retention::Retention,
+    pub pages: Arc<pages::PageIndexes>,
 }
 
 impl Hub {
@@ -166,6 +169,7 @@ impl Hub {
             level: cfg.level,
             enrollment_ttl: cfg.enrollment_ttl,
             retention: cfg.retention.clone(),
+            pages: Arc::new(pages::PageIndexes::new(dir)),
         })
     }
 

@@ -375,10 +375,21 @@ async fn get_version(
 /// Objects per read-and-encode step of a download.
 const DOWNLOAD_STEP: usize = 64;
 
+/// How long a download waits for the page index of the version it names.
+const PAGE_INDEX_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+#[derive(Deserialize)]
+struct DownloadQuery {
+    /// A version of the image the caller holds wholly: blocks may come as
+    /// references to its pages.
+    pages_of: Option<String>,
+}
+
 async fn download(
     State(hub): State<AppState>,
     c: Caller,
     Path(image): Path<String>,
+    Query(q): Query<DownloadQuery>,
     body: Bytes,
 ) -> ApiResult<Response> {
     check_read(&hub, &c, &image).await?;
@@ -387,8 +398,19 @@ async fn download(
             "a download names at most {MAX_IDS_PER_REQUEST} objects as 64-byte records"
         ))
     })?;
+    let pages_of =
+        match q.pages_of.as_deref() {
+            None => None,
+            Some(h) => Some(ChunkId::from_hex(h).ok_or_else(|| {
+                ApiError::bad_request(format!("pages_of={h:?} is not a version id"))
+            })?),
+        };
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     tokio::task::spawn_blocking(move || {
+        // Only a version of this image (which the caller may read) is used.
+        let index = pages_of
+            .filter(|v| hub.pages.belongs(&hub.store, &image, v))
+            .and_then(|v| hub.pages.get(&hub.store, v, PAGE_INDEX_WAIT));
         let send = |b: Vec<u8>| b.is_empty() || tx.blocking_send(Ok(Bytes::from(b))).is_ok();
         let mut w = match FrameWriter::new(hub.level) {
             Ok(w) => w,
@@ -398,7 +420,7 @@ async fn download(
             }
         };
         for step in wants.chunks(DOWNLOAD_STEP) {
-            let frames = match encode_step(&hub, step) {
+            let frames = match encode_step(&hub, step, index.as_deref()) {
                 Ok(f) => f,
                 Err(e) => {
                     tracing::error!(error = %e, "download failed");
@@ -437,7 +459,11 @@ async fn download(
 
 /// Read one step of a download and encode its frames (deltas where asked for and
 /// smaller), on all cores.
-fn encode_step(hub: &Hub, step: &[Want]) -> Result<Vec<Frame>, StoreError> {
+fn encode_step(
+    hub: &Hub,
+    step: &[Want],
+    pages: Option<&strata_sync::pages::PageIndex>,
+) -> Result<Vec<Frame>, StoreError> {
     use rayon::prelude::*;
     let ids: Vec<ChunkId> = step.iter().map(|w| w.id).collect();
     let objs = hub.store.read_objects(&ids)?;
@@ -463,7 +489,17 @@ fn encode_step(hub: &Hub, step: &[Want]) -> Result<Vec<Frame>, StoreError> {
                 .as_ref()
                 .filter(|(_, (bkind, _))| *bkind == kind)
                 .map(|(bid, (_, braw))| (*bid, braw.as_slice()));
-            let body = strata_sync::delta::smaller_body(raw, &w.id, base, level);
+            let body = match kind {
+                ObjectKind::Data => strata_sync::pages::pages_body(
+                    raw,
+                    &w.id,
+                    base,
+                    pages,
+                    |ids| hub.store.read_chunks(ids).ok(),
+                    level,
+                ),
+                _ => strata_sync::delta::smaller_body(raw, &w.id, base, level),
+            };
             Frame::Object {
                 kind,
                 id: w.id,
@@ -630,7 +666,7 @@ async fn store_batch(
             .iter()
             .filter_map(|(_, _, b)| match b {
                 ObjBody::Delta { base, .. } => Some(*base),
-                ObjBody::Raw(_) => None,
+                ObjBody::Raw(_) | ObjBody::Pages { .. } => None,
             })
             .collect();
         let mut bases = hub.store.read_objects(&base_ids)?.into_iter();
@@ -638,6 +674,15 @@ async fn store_batch(
         for (kind, id, body) in batch {
             let raw = match body {
                 ObjBody::Raw(r) => r,
+                // Only the hub sends page references: a point naming chunks of other
+                // images would learn from success or failure whether it guessed them.
+                ObjBody::Pages { .. } => {
+                    return Err(ApiError::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "bad_object",
+                        format!("object {id}: page references are not accepted in uploads"),
+                    ))
+                }
                 ObjBody::Delta {
                     base,
                     raw_len,

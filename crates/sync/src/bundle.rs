@@ -7,8 +7,9 @@
 //! stream, parsed with the same limits, and verified object by object on import. A
 //! bundle made `--since` an older version holds only what differs from that version
 //! (shared subtrees are skipped without being read) and sends changed blocks as
-//! deltas against the block at the same place in the older version, exactly as a
-//! pull does; importing it needs that version.
+//! deltas against the block at the same place in the older version and against its
+//! pages elsewhere ([`crate::pages`], indexed for the export), exactly as a pull
+//! does; importing it needs that version.
 //!
 //! ```text
 //! file    := magic hlen:u32le header stream
@@ -100,6 +101,9 @@ pub struct ExportOptions {
     pub since: Option<VersionId>,
     /// zstd level of the stream.
     pub level: i32,
+    /// With `since`: let blocks reference 4 KiB pages that version holds at other
+    /// places (see [`crate::pages`]).
+    pub pages: bool,
 }
 
 impl Default for ExportOptions {
@@ -107,6 +111,7 @@ impl Default for ExportOptions {
         ExportOptions {
             since: None,
             level: DEFAULT_LEVEL,
+            pages: true,
         }
     }
 }
@@ -134,6 +139,8 @@ struct Exporter<'a, W: Write> {
     stats: BundleStats,
     covered: u64,
     progress: &'a dyn Fn(u64),
+    /// The `since` version's pages: blocks may reference them (see [`crate::pages`]).
+    pages: Option<crate::pages::PageIndex>,
 }
 
 impl<W: Write> Exporter<'_, W> {
@@ -159,14 +166,24 @@ impl<W: Write> Exporter<'_, W> {
             });
             work.push((kind, *id, raw, base));
         }
-        let level = self.level;
+        let (level, store, pages) = (self.level, self.store, self.pages.as_ref());
         let frames: Vec<(Frame, usize, bool)> = work
             .into_par_iter()
             .map(|(kind, id, raw, base)| {
                 let len = raw.len();
                 let base = base.as_ref().map(|(b, braw)| (*b, braw.as_slice()));
-                let body = crate::delta::smaller_body(raw, &id, base, level);
-                let delta = matches!(body, Body::Delta { .. });
+                let body = match kind {
+                    ObjectKind::Data => crate::pages::pages_body(
+                        raw,
+                        &id,
+                        base,
+                        pages,
+                        |ids| store.read_chunks(ids).ok(),
+                        level,
+                    ),
+                    _ => crate::delta::smaller_body(raw, &id, base, level),
+                };
+                let delta = !matches!(body, Body::Raw(_));
                 (Frame::Object { kind, id, body }, len, delta)
             })
             .collect();
@@ -266,6 +283,19 @@ pub fn export(
             .unwrap_or(0),
         producer: format!("strata {}", env!("CARGO_PKG_VERSION")),
     };
+    // The `since` version's pages, indexed in a scratch directory for this export.
+    let scratch = match opts.since.filter(|_| opts.pages) {
+        Some(_) => Some(tempfile::tempdir()?),
+        None => None,
+    };
+    let pages = match (&scratch, &opts.since) {
+        (Some(dir), Some(s)) => Some(crate::pages::PageIndex::build(
+            store,
+            s,
+            &dir.path().join("since.idx"),
+        )?),
+        _ => None,
+    };
     let json = serde_json::to_vec(&header).expect("headers serialize");
     let mut out = Counting { inner: out, n: 0 };
     out.put(BUNDLE_MAGIC)?;
@@ -280,6 +310,7 @@ pub fn export(
         stats: BundleStats::default(),
         covered: 0,
         progress,
+        pages,
     };
     if let Ok(Entry::Present(root)) = version.root_entry() {
         ex.subtree(version.depth - 1, root, since_root)?;
@@ -440,7 +471,7 @@ pub fn import(
                     "bundle continues after its version record".into(),
                 ));
             }
-            stats.deltas += matches!(body, Body::Delta { .. }) as u64;
+            stats.deltas += !matches!(body, Body::Raw(_)) as u64;
             let raw = crate::delta::resolve(body, store)
                 .map_err(|reason| SyncError::Corrupt { id, reason })?;
             if kind == ObjectKind::Version {

@@ -119,6 +119,8 @@ pub struct Download {
     pub error: Option<SyncError>,
     /// Objects that came as deltas.
     pub deltas: u64,
+    /// Of those, objects that came with page references.
+    pub paged: u64,
 }
 
 /// Body bytes sent and received so far by one client.
@@ -348,6 +350,19 @@ impl HubClient {
     /// one arrives. Every object is verified before it is returned; see [`Download`]
     /// for what a failure leaves.
     pub async fn download(&self, image: &str, wants: &[Want], bases: &dyn BaseSource) -> Download {
+        self.download_with(image, wants, bases, None).await
+    }
+
+    /// [`HubClient::download`], and when `pages_of` names a version of `image` whose
+    /// every block the caller holds, objects may also come as references to pages of
+    /// that version (see [`crate::pages`]), resolved from `bases`.
+    pub async fn download_with(
+        &self,
+        image: &str,
+        wants: &[Want],
+        bases: &dyn BaseSource,
+        pages_of: Option<VersionId>,
+    ) -> Download {
         let mut out = Download::default();
         // Each object once: a disk often repeats a block (one id at many places), and
         // the hub sends every id asked for, so a repeat would arrive twice.
@@ -360,10 +375,13 @@ impl HubClient {
         let wants = wants.as_slice();
         let body = encode_wants(wants);
         let n = body.len();
-        let rb = self
+        let mut rb = self
             .request(Method::POST, &["images", image, "download"])
             .header("content-type", "application/octet-stream")
             .body(body);
+        if let Some(v) = pages_of {
+            rb = rb.query(&[("pages_of", v.to_hex())]);
+        }
         let resp = match self.send(rb, n).await {
             Ok(r) => r,
             Err(e) => {
@@ -721,6 +739,7 @@ fn accept(
                     "hub sent object {id} that was not asked for (or twice)"
                 )));
             };
+            // (Page runs may name any chunk: one the point lacks fails to resolve.)
             if let Body::Delta { base, .. } = &body {
                 if want_base != Some(*base) {
                     out.corrupt
@@ -728,10 +747,12 @@ fn accept(
                     return Ok(());
                 }
             }
-            let delta = matches!(body, Body::Delta { .. });
+            let delta = !matches!(body, Body::Raw(_));
+            let paged = matches!(body, Body::Pages { .. });
             let raw = match crate::delta::resolve(body, bases) {
                 Ok(r) => {
                     out.deltas += delta as u64;
+                    out.paged += paged as u64;
                     r
                 }
                 Err(reason) => {

@@ -24,7 +24,17 @@
 //!                                                 compressed with the bytes of object
 //!                                                 `base` (which the receiver holds) as
 //!                                                 a raw-content prefix ("dictionary")
-//!          | 2..=255 reserved                     (e.g. trained dictionaries) — refused
+//!          | 2 pages                              payload = raw_len:u32 nchunks:u8
+//!                                                 chunk:[32]*nchunks nruns:u8
+//!                                                 run:(at:u16 chunk:u8 first:u16
+//!                                                 count:u16)*nruns literal
+//!                                                 pages at..at+count of the object are
+//!                                                 pages first..first+count of the
+//!                                                 listed chunk (which the receiver
+//!                                                 holds); `literal` (raw) fills every
+//!                                                 byte no run covers, in order (see
+//!                                                 [`crate::pages`])
+//!          | 3..=255 reserved                     (e.g. trained dictionaries) — refused
 //! ```
 //!
 //! A raw object is compressed by the outer stream together with its neighbours; a
@@ -39,6 +49,8 @@
 //! 2^[`MAX_WINDOW_LOG`]) however large the stream claims to be.
 
 use strata_store::{ChunkId, ObjectKind};
+
+use crate::pages::{PageRun, MAX_REF_CHUNKS, MAX_RUNS};
 
 use crate::error::{Result, SyncError};
 
@@ -57,6 +69,7 @@ pub const TYPE_ERROR: u8 = 0x81;
 pub const TYPE_END: u8 = 0xFF;
 pub const CODEC_RAW: u8 = 0;
 pub const CODEC_DELTA: u8 = 1;
+pub const CODEC_PAGES: u8 = 2;
 
 /// An object's bytes as they travel.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -68,6 +81,13 @@ pub enum Body {
         raw_len: u32,
         zframe: Vec<u8>,
     },
+    /// Runs of pages of chunks the receiver holds, and the bytes they leave.
+    Pages {
+        raw_len: u32,
+        chunks: Vec<ChunkId>,
+        runs: Vec<PageRun>,
+        literal: Vec<u8>,
+    },
 }
 
 impl Body {
@@ -76,6 +96,12 @@ impl Body {
         match self {
             Body::Raw(b) => b.len(),
             Body::Delta { zframe, .. } => 36 + zframe.len(),
+            Body::Pages {
+                chunks,
+                runs,
+                literal,
+                ..
+            } => 6 + 32 * chunks.len() + 7 * runs.len() + literal.len(),
         }
     }
 }
@@ -119,6 +145,27 @@ pub fn encode_frame(frame: &Frame, out: &mut Vec<u8>) {
                 out.extend_from_slice(&base.0);
                 out.extend_from_slice(&raw_len.to_le_bytes());
                 out.extend_from_slice(zframe);
+            }
+            Body::Pages {
+                raw_len,
+                chunks,
+                runs,
+                literal,
+            } => {
+                out.extend_from_slice(&header(*kind as u8, CODEC_PAGES, body.wire_len(), id));
+                out.extend_from_slice(&raw_len.to_le_bytes());
+                out.push(chunks.len() as u8);
+                for c in chunks {
+                    out.extend_from_slice(&c.0);
+                }
+                out.push(runs.len() as u8);
+                for r in runs {
+                    out.extend_from_slice(&r.at.to_le_bytes());
+                    out.push(r.chunk);
+                    out.extend_from_slice(&r.first.to_le_bytes());
+                    out.extend_from_slice(&r.count.to_le_bytes());
+                }
+                out.extend_from_slice(literal);
             }
         },
         Frame::Missing(id) => out.extend_from_slice(&header(TYPE_MISSING, 0, 0, id)),
@@ -244,6 +291,10 @@ impl FrameParser {
                             zframe: payload[36..].to_vec(),
                         }
                     }
+                    CODEC_PAGES => match parse_pages(payload) {
+                        Ok(b) => b,
+                        Err(m) => return bad(m),
+                    },
                     c => return bad(format!("unknown object codec {c}")),
                 };
                 Frame::Object { kind, id, body }
@@ -262,6 +313,54 @@ impl FrameParser {
         self.pos += HEADER_LEN + len;
         Ok(Some(frame))
     }
+}
+
+/// The payload of a `pages` frame, checked against the limits of [`crate::pages`]
+/// (whether the runs fit the object is checked when it is assembled).
+fn parse_pages(p: &[u8]) -> std::result::Result<Body, String> {
+    let short = || "page-reference frame shorter than its header".to_string();
+    let raw_len = u32::from_le_bytes(p.get(..4).ok_or_else(short)?.try_into().unwrap());
+    if raw_len as usize > MAX_OBJECT {
+        return Err(format!("a {raw_len}-byte object is too large"));
+    }
+    let nchunks = *p.get(4).ok_or_else(short)? as usize;
+    if nchunks > MAX_REF_CHUNKS {
+        return Err(format!(
+            "{nchunks} referenced chunks (at most {MAX_REF_CHUNKS})"
+        ));
+    }
+    let mut at = 5;
+    let chunks: Vec<ChunkId> = (0..nchunks)
+        .map(|i| ChunkId::from_slice(p.get(at + 32 * i..at + 32 * (i + 1))?))
+        .collect::<Option<_>>()
+        .ok_or_else(short)?;
+    at += 32 * nchunks;
+    let nruns = *p.get(at).ok_or_else(short)? as usize;
+    at += 1;
+    if nruns > MAX_RUNS {
+        return Err(format!("{nruns} page runs (at most {MAX_RUNS})"));
+    }
+    let mut runs = Vec::with_capacity(nruns);
+    for _ in 0..nruns {
+        let r = p.get(at..at + 7).ok_or_else(short)?;
+        let run = PageRun {
+            at: u16::from_le_bytes([r[0], r[1]]),
+            chunk: r[2],
+            first: u16::from_le_bytes([r[3], r[4]]),
+            count: u16::from_le_bytes([r[5], r[6]]),
+        };
+        if run.chunk as usize >= nchunks || run.count == 0 {
+            return Err("page run names no chunk or no pages".into());
+        }
+        runs.push(run);
+        at += 7;
+    }
+    Ok(Body::Pages {
+        raw_len,
+        chunks,
+        runs,
+        literal: p[at..].to_vec(),
+    })
 }
 
 /// Decompresses a body pushed in pieces and parses its frames, decompressing only as
@@ -457,6 +556,19 @@ pub fn fuzz_frames(bytes: &[u8]) {
                         let base = vec![7u8; 4096];
                         let _ = crate::delta::decode(&base, &zframe, raw_len as usize);
                     }
+                    Ok(Some(Frame::Object {
+                        body: body @ Body::Pages { .. },
+                        ..
+                    })) => {
+                        // Any chunk it names is "held": 3 pages of sevens.
+                        struct Sevens;
+                        impl crate::client::BaseSource for Sevens {
+                            fn base(&self, _: &ChunkId) -> Option<Vec<u8>> {
+                                Some(vec![7u8; 3 * 4096])
+                            }
+                        }
+                        let _ = crate::delta::resolve(body, &Sevens);
+                    }
                     Ok(Some(_)) => {}
                     Ok(None) => break,
                     Err(_) => return,
@@ -486,6 +598,29 @@ mod tests {
                     zframe: vec![9; 20],
                 },
             },
+            Frame::Object {
+                kind: ObjectKind::Data,
+                id: ChunkId([5; 32]),
+                body: Body::Pages {
+                    raw_len: 4 * 4096 + 10,
+                    chunks: vec![ChunkId([6; 32]), ChunkId([7; 32])],
+                    runs: vec![
+                        PageRun {
+                            at: 0,
+                            chunk: 1,
+                            first: 3,
+                            count: 2,
+                        },
+                        PageRun {
+                            at: 3,
+                            chunk: 0,
+                            first: 0,
+                            count: 1,
+                        },
+                    ],
+                    literal: vec![8; 4096 + 10],
+                },
+            },
             Frame::Missing(ChunkId([4; 32])),
             Frame::End,
         ]
@@ -495,7 +630,7 @@ mod tests {
     fn round_trip_through_zstd_in_every_split() {
         let mut w = FrameWriter::new(3).unwrap();
         let mut body = Vec::new();
-        for f in &sample()[..3] {
+        for f in &sample()[..4] {
             w.frame(f).unwrap();
             body.extend(w.take());
         }
@@ -545,7 +680,7 @@ mod tests {
     #[test]
     fn truncated_stream_is_detected() {
         let mut w = FrameWriter::new(3).unwrap();
-        for f in &sample()[..3] {
+        for f in &sample()[..4] {
             w.frame(f).unwrap();
         }
         let body = w.finish().unwrap();

@@ -53,6 +53,7 @@ pub mod client;
 pub mod delta;
 pub mod error;
 pub mod frame;
+pub mod pages;
 pub mod rate;
 pub mod transfer;
 

@@ -50,6 +50,9 @@ pub struct TransferOptions {
     pub retries: u32,
     /// Send changed blocks as deltas against the receiver's block at the same place.
     pub delta: bool,
+    /// Pull: let the hub also compress blocks against 4 KiB pages the local base
+    /// version holds at other places (see [`crate::pages`]).
+    pub pages: bool,
 }
 
 impl Default for TransferOptions {
@@ -58,6 +61,7 @@ impl Default for TransferOptions {
             batch_bytes: 8 << 20,
             retries: 3,
             delta: true,
+            pages: true,
         }
     }
 }
@@ -113,6 +117,10 @@ pub struct TransferStats {
     /// Of the data and tree objects, how many travelled as deltas (pull: as received;
     /// push: as offered).
     pub deltas: u64,
+    /// Pull: of those, how many were compressed against pages the local base holds
+    /// at other places (see [`crate::pages`]).
+    #[serde(default)]
+    pub paged: u64,
     /// Body bytes on the wire, both directions (requests and answers).
     pub wire_sent: u64,
     pub wire_received: u64,
@@ -213,6 +221,14 @@ pub trait Seed: Send + Sync + std::fmt::Debug {
 
 // ---- pull ----------------------------------------------------------------------------
 
+/// What [`fetch`] brought: every object asked for, verified.
+struct Fetched {
+    objects: Vec<Object>,
+    deltas: u64,
+    paged: u64,
+    retries: u64,
+}
+
 /// Download one batch completely: keep what arrives whole, ask again for the rest
 /// after a cut (up to `retries`), refetch a damaged object once (without a delta),
 /// then give up.
@@ -222,14 +238,16 @@ async fn fetch(
     wants: Vec<Want>,
     bases: &Store,
     retries: u32,
-) -> Result<(Vec<Object>, u64, u64)> {
+    mut pages_of: Option<VersionId>,
+) -> Result<Fetched> {
     let mut pending = wants;
     let mut got = Vec::with_capacity(pending.len());
     let mut damaged: HashSet<ChunkId> = HashSet::new();
-    let (mut attempt, mut deltas) = (0u32, 0u64);
+    let (mut attempt, mut deltas, mut paged) = (0u32, 0u64, 0u64);
     loop {
-        let d = client.download(image, &pending, bases).await;
+        let d = client.download_with(image, &pending, bases, pages_of).await;
         deltas += d.deltas;
+        paged += d.paged;
         if let Some(id) = d.missing.first() {
             return Err(SyncError::Missing {
                 side: "hub",
@@ -244,13 +262,22 @@ async fn fetch(
                 return Err(SyncError::Corrupt { id, reason });
             }
             tracing::warn!(%id, %reason, "damaged object from the hub; fetching it again");
-            // The base may be what went wrong: ask for the object whole.
+            // The base may be what went wrong (or a page it referenced, e.g. of a
+            // base not wholly local): ask for the object whole.
             for w in pending.iter_mut().filter(|w| w.id == id) {
                 w.base = None;
             }
+            pages_of = None;
         }
         match d.error {
-            None if pending.is_empty() => return Ok((got, deltas, attempt as u64)),
+            None if pending.is_empty() => {
+                return Ok(Fetched {
+                    objects: got,
+                    deltas,
+                    paged,
+                    retries: attempt as u64,
+                })
+            }
             None if pending.iter().all(|w| damaged.contains(&w.id)) => continue,
             None => {
                 return Err(SyncError::Protocol(format!(
@@ -277,6 +304,9 @@ struct Puller<'a> {
     block_size: usize,
     virtual_size: u64,
     seed: Option<std::sync::Arc<dyn Seed>>,
+    /// The local base version, wholly held: blocks may come as references to its
+    /// pages.
+    pages_of: Option<VersionId>,
     stats: TransferStats,
 }
 
@@ -347,17 +377,19 @@ impl<'a> Puller<'a> {
             if wants.is_empty() {
                 return Ok(());
             }
-            let (objs, deltas, retries) = fetch(
+            let f = fetch(
                 self.client,
                 self.image,
                 wants.clone(),
                 self.local,
                 self.opts.retries,
+                None,
             )
             .await?;
-            self.stats.deltas += deltas;
-            self.stats.retries += retries;
-            let mut by_id: HashMap<ChunkId, Object> = objs.into_iter().map(|o| (o.id, o)).collect();
+            self.stats.deltas += f.deltas;
+            self.stats.retries += f.retries;
+            let mut by_id: HashMap<ChunkId, Object> =
+                f.objects.into_iter().map(|o| (o.id, o)).collect();
             let mut nodes = Vec::with_capacity(wants.len());
             let mut below = Vec::new();
             for (w, first) in wants.iter().zip(firsts) {
@@ -402,15 +434,25 @@ impl<'a> Puller<'a> {
         let wants = self.lacking(items)?;
         let wants: Vec<Want> = self.seeded(wants)?.into_iter().map(|(w, _)| w).collect();
         let per_batch = (self.opts.batch_bytes / self.block_size.max(1)).max(1);
-        let (client, image, local, retries) =
-            (self.client, self.image, self.local, self.opts.retries);
+        let (client, image, local, retries, pages_of) = (
+            self.client,
+            self.image,
+            self.local,
+            self.opts.retries,
+            self.pages_of,
+        );
         // Collected first: a stream over borrowed chunks trips the `Send` inference.
         let batches: Vec<Vec<Want>> = wants.chunks(per_batch).map(<[Want]>::to_vec).collect();
         let mut results = futures_util::stream::iter(batches)
-            .map(|b| fetch(client, image, b, local, retries))
+            .map(|b| fetch(client, image, b, local, retries, pages_of))
             .buffer_unordered(client.streams());
         while let Some(r) = results.next().await {
-            let (objs, deltas, retries) = r?;
+            let Fetched {
+                objects: objs,
+                deltas,
+                paged,
+                retries,
+            } = r?;
             if let Some(o) = objs.iter().find(|o| o.kind != ObjectKind::Data) {
                 return Err(SyncError::Corrupt {
                     id: o.id,
@@ -423,6 +465,7 @@ impl<'a> Puller<'a> {
                 .collect();
             blocking(|| self.session.add_received(&refs))?;
             self.stats.deltas += deltas;
+            self.stats.paged += paged;
             self.stats.retries += retries;
             for o in &objs {
                 self.stats.count(o.kind, o.raw.len());
@@ -468,7 +511,8 @@ pub async fn pull(
         Expect::Value(v) => *v,
     };
     // The base: a local version of the same shape, pinned while we read it.
-    let base_root = match opts.base.or(expected).filter(|_| opts.transfer.delta) {
+    let base_vid = opts.base.or(expected).filter(|_| opts.transfer.delta);
+    let base_root = match base_vid {
         Some(b) if session.lacking(&[b])?.is_empty() => local
             .load_version(&b)
             .ok()
@@ -476,6 +520,9 @@ pub async fn pull(
             .and_then(|bv| bv.root_entry().ok()?.id()),
         _ => None,
     };
+    // Page references need every block of the base here, which a version in the
+    // store implies (a store takes a node only after its whole subtree).
+    let pages_of = base_vid.filter(|_| base_root.is_some() && opts.transfer.pages);
     let mut p = Puller {
         local,
         client,
@@ -485,6 +532,7 @@ pub async fn pull(
         block_size: version.block_size as usize,
         virtual_size: version.virtual_size,
         seed: opts.seed.clone(),
+        pages_of,
         stats: TransferStats::default(),
     };
     let moved = async {
