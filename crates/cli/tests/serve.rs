@@ -499,6 +499,8 @@ fn nbdcopy_multi_conn_and_fio_verify_on_a_session() {
             "--verify=crc32c",
             "--verify_fatal=1",
             "--do_verify=1",
+            // fio would otherwise leave local-verify-0-verify.state in the cwd.
+            "--verify_state_save=0",
         ],
     );
     assert!(out.contains("verify"), "{out}");

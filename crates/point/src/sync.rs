@@ -557,7 +557,9 @@ impl Point {
         let mut sessions = Vec::new();
         for (name, s) in &state.sessions {
             let (mut hub_tip, mut from) = (s.hub_tip.clone(), "last sync");
-            if reachable {
+            // A disposable session (a desktop's OS disk) is never pushed: nothing is
+            // pending and the hub has no image of its name to ask about.
+            if reachable && !s.disposable {
                 match quick.image(&s.image).await {
                     Ok(summary) => {
                         hub_tip = summary
@@ -587,8 +589,10 @@ impl Point {
                 Err(e) => return Err(e.into()),
             };
             let pending = match local_tip {
-                Some(t) => self.pending(&t, hub_tip.as_deref(), &s.origin_version)?,
-                None => 0,
+                Some(t) if !s.disposable => {
+                    self.pending(&t, hub_tip.as_deref(), &s.origin_version)?
+                }
+                _ => 0,
             };
             let disk = self.store.disk_session(name).ok();
             sessions.push(SessionStatus {
