@@ -43,6 +43,14 @@
 //!   visible to every reader as soon as it returns. Each block is guarded by one of
 //!   [`STRIPES`] striped locks (held while that block is read or changed, I/O included),
 //!   and the in-memory block map by a lock held only for map updates, never across I/O.
+//! * **Seal** ([`SessionDisk::seal`]): once the writes under way have finished,
+//!   every further request of the disk's clients (read, write, zeroing, flush,
+//!   cache, extents) fails with an I/O error, and what was acknowledged before is
+//!   flushed. A server seals a session it stops serving while clients are still
+//!   connected (a desktop handed to another point): such a client then sees errors
+//!   instead of writing into a delta nobody will commit, and a last commit holds
+//!   exactly the writes it was told had succeeded. [`SessionDisk::detach`] also
+//!   gives up the directory's lock, so the session can be removed.
 //! * **Commit** ([`SessionDisk::commit`]) makes a new version of base + delta as of one
 //!   point in time (the moment it starts) while writes continue: it freezes the
 //!   current block map; writes to frozen blocks then go to new slots, so the commit
@@ -304,7 +312,10 @@ pub struct SessionDisk {
     /// A durability step failed: the in-memory state can no longer be made durable,
     /// so every further change is refused until the session is reopened.
     broken: AtomicBool,
-    _lock: File,
+    /// Clients' requests are refused (see [`SessionDisk::seal`]).
+    sealed: AtomicBool,
+    /// The directory's lock; given up by [`SessionDisk::detach`].
+    lock: Mutex<Option<File>>,
 }
 
 fn rd<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
@@ -725,7 +736,8 @@ impl SessionDisk {
             generation: AtomicU64::new(meta.generation),
             dirty: AtomicBool::new(false),
             broken: AtomicBool::new(false),
-            _lock: lock,
+            sealed: AtomicBool::new(false),
+            lock: Mutex::new(Some(lock)),
         };
         disk.adopt_interrupted_commit()?;
         Ok(disk)
@@ -795,6 +807,46 @@ impl SessionDisk {
         }
     }
 
+    /// Refuse a client's request once the session is sealed.
+    fn admit(&self) -> io::Result<()> {
+        if self.sealed.load(Ordering::Acquire) {
+            Err(io::Error::other(format!(
+                "session {} was released: it no longer takes requests",
+                self.dir.display()
+            )))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Refuse every further request of the disk's clients (reads, writes, zeroing,
+    /// trims, flushes, cache hints, extents) with an I/O error. Writes already under
+    /// way finish first; everything acknowledged until then is flushed and stays in
+    /// the delta, which [`commit`](Self::commit) still commits. Idempotent.
+    pub fn seal(&self) -> io::Result<()> {
+        self.sealed.store(true, Ordering::Release);
+        // A write checks the seal under its block's lock and changes the block only
+        // while holding it: once every lock has been taken, no write is half done and
+        // none will start.
+        drop(self.stripes.iter().map(|s| wr(s)).collect::<Vec<_>>());
+        let mut j = lk(&self.journal);
+        self.flush_locked(&mut j)
+    }
+
+    /// Whether [`seal`](Self::seal) was called.
+    pub fn is_sealed(&self) -> bool {
+        self.sealed.load(Ordering::Acquire)
+    }
+
+    /// [`seal`](Self::seal), then give up the directory's lock, so that the session
+    /// can be removed (or opened again) while this object lives on only to fail its
+    /// clients' requests.
+    pub fn detach(&self) -> io::Result<()> {
+        let r = self.seal();
+        lk(&self.lock).take();
+        r
+    }
+
     fn fail<T>(&self, e: io::Error) -> io::Result<T> {
         self.broken.store(true, Ordering::Release);
         Err(e)
@@ -841,6 +893,8 @@ impl SessionDisk {
     fn write_piece(&self, b: u64, off: usize, data: &[u8]) -> io::Result<()> {
         let blen = self.block_len(b);
         let _g = wr(self.stripe(b));
+        // Under the block's lock: `seal` waits for this write or it sees the seal.
+        self.admit()?;
         let (rec, frozen, base) = {
             let st = rd(&self.state);
             let rec = st.map.get(&b).copied();
@@ -896,15 +950,18 @@ impl SessionDisk {
     }
 
     /// Record block `b` as zero.
-    fn zero_block(&self, b: u64) {
+    fn zero_block(&self, b: u64) -> io::Result<()> {
         let _g = wr(self.stripe(b));
+        self.admit()?;
         let mut st = wr(&self.state);
         if st.map.get(&b) != Some(&Rec::Zero) {
             st.set(b, Rec::Zero);
         }
+        Ok(())
     }
 
     fn zero_range(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        self.admit()?;
         self.check_broken()?;
         check_range(self.size, offset, len)?;
         let bs = self.bs as u64;
@@ -915,7 +972,7 @@ impl SessionDisk {
             let off = (pos - b * bs) as usize;
             let n = (self.block_len(b) - off).min((end - pos) as usize);
             if off == 0 && n == self.block_len(b) {
-                self.zero_block(b);
+                self.zero_block(b)?;
             } else if !self.reads_as_zero(b)? {
                 // Zeroing part of a block that already reads as zeros changes nothing;
                 // writing it as data would turn a hole into an allocated block.
@@ -1370,7 +1427,8 @@ impl SessionDisk {
 }
 
 impl Drop for SessionDisk {
-    /// Closing a session flushes it (best effort: a failure leaves it as a crash would).
+    /// Closing a session flushes it (best effort: a failure leaves it as a crash would;
+    /// a sealed one was flushed when it was sealed).
     fn drop(&mut self) {
         let _ = Disk::flush(self);
     }
@@ -1390,6 +1448,7 @@ impl Disk for SessionDisk {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.admit()?;
         check_range(self.size, offset, buf.len() as u64)?;
         if buf.is_empty() {
             return Ok(());
@@ -1440,6 +1499,7 @@ impl Disk for SessionDisk {
     }
 
     fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> io::Result<()> {
+        self.admit()?;
         self.check_broken()?;
         check_range(self.size, offset, data.len() as u64)?;
         let bs = self.bs as u64;
@@ -1469,6 +1529,7 @@ impl Disk for SessionDisk {
     }
 
     fn flush(&self) -> io::Result<()> {
+        self.admit()?;
         self.check_broken()?;
         let mut j = lk(&self.journal);
         self.flush_locked(&mut j)
@@ -1481,12 +1542,14 @@ impl Disk for SessionDisk {
     /// Prefetch: the base decodes the range into its block cache (blocks the delta
     /// holds are prefetched too, harmlessly).
     fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.admit()?;
         check_range(self.size, offset, len)?;
         let base = rd(&self.state).base.clone();
         base.cache(offset, len)
     }
 
     fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<DiskExtent>> {
+        self.admit()?;
         check_range(self.size, offset, len)?;
         if len == 0 {
             return Ok(Vec::new());
@@ -1522,7 +1585,10 @@ impl Disk for SessionDisk {
     /// `read_at` as it reads when nothing has to wait: every lock free at once, the
     /// delta's slots in the page cache, the base's blocks cached or zero.
     fn try_read_at(&self, buf: &mut [u8], offset: u64) -> Option<io::Result<()>> {
-        if let Err(e) = check_range(self.size, offset, buf.len() as u64) {
+        if let Err(e) = self
+            .admit()
+            .and_then(|_| check_range(self.size, offset, buf.len() as u64))
+        {
             return Some(Err(e));
         }
         if buf.is_empty() {
@@ -1575,7 +1641,10 @@ impl Disk for SessionDisk {
     }
 
     fn try_extents(&self, offset: u64, len: u64) -> Option<io::Result<Vec<DiskExtent>>> {
-        if let Err(e) = check_range(self.size, offset, len) {
+        if let Err(e) = self
+            .admit()
+            .and_then(|_| check_range(self.size, offset, len))
+        {
             return Some(Err(e));
         }
         if len == 0 {
@@ -1607,5 +1676,90 @@ impl Disk for SessionDisk {
             offset,
             (offset + len).min(to * bs),
         )))
+    }
+}
+
+#[cfg(test)]
+mod seal_tests {
+    use super::*;
+
+    const BS: usize = 4096;
+
+    /// A store with one version of 8 blocks, all `0x01`.
+    fn base(dir: &Path) -> (Arc<Store>, VersionId) {
+        let store = Arc::new(Store::init(&dir.join("store")).unwrap());
+        let mut s = WriteSession::begin(&store, "test").unwrap();
+        let mut d = s.new_version(8 * BS as u64, BS as u32).unwrap();
+        let blocks = (0..8).map(|_| BlockInput::Data(vec![1u8; BS])).collect();
+        s.add_blocks(&mut d, blocks).unwrap();
+        let t = CommitTarget {
+            image: "img".into(),
+            branch: "main".into(),
+            expected: None,
+            create_image: true,
+            parents: Vec::new(),
+            author: "test".into(),
+            message: "test".into(),
+        };
+        let (id, _, _) = s.commit(d, &t).unwrap();
+        (store, id)
+    }
+
+    /// After a seal every client request fails, the acknowledged writes are durable
+    /// and a commit takes exactly them; after `detach` the directory can be removed
+    /// while the disk object lives on.
+    #[test]
+    fn a_sealed_session_refuses_its_clients_and_commits_what_they_were_told() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (store, base) = base(tmp.path());
+        let dir = tmp.path().join("s");
+        let disk = SessionDisk::create(&dir, store.clone(), base).unwrap();
+        disk.write_at(&[2u8; BS], 0, false).unwrap();
+        disk.write_zeroes(BS as u64, BS as u64, true, false)
+            .unwrap();
+        disk.seal().unwrap();
+        assert!(disk.is_sealed());
+        // Durable without a client flush: the journal lists both blocks.
+        assert_eq!(SessionDisk::inspect(&dir).unwrap().delta_blocks, 2);
+        let mut buf = vec![0u8; BS];
+        let errors = [
+            disk.write_at(&[3u8; BS], 2 * BS as u64, false).err(),
+            disk.write_zeroes(3 * BS as u64, BS as u64, true, false)
+                .err(),
+            disk.trim(3 * BS as u64, BS as u64, false).err(),
+            disk.read_at(&mut buf, 0).err(),
+            disk.flush().err(),
+            disk.cache(0, BS as u64).err(),
+            disk.extents(0, BS as u64).err(),
+            disk.try_read_at(&mut buf, 0).and_then(|r| r.err()),
+        ];
+        for (i, e) in errors.into_iter().enumerate() {
+            let e = e.unwrap_or_else(|| panic!("request {i} was served after the seal"));
+            assert_eq!(e.kind(), io::ErrorKind::Other, "request {i}: {e}");
+        }
+        let mut t = CommitTarget {
+            image: "img".into(),
+            branch: "main".into(),
+            expected: Some(base),
+            create_image: false,
+            parents: Vec::new(),
+            author: "test".into(),
+            message: "last".into(),
+        };
+        t.parents = vec![base];
+        let c = disk.commit(&t).unwrap();
+        assert_eq!(c.committed_blocks, 2);
+        let v = VersionDisk::open(store.clone(), c.version).unwrap();
+        let mut got = vec![0u8; 3 * BS];
+        v.read_at(&mut got, 0).unwrap();
+        assert!(got[..BS].iter().all(|b| *b == 2));
+        assert!(got[BS..2 * BS].iter().all(|b| *b == 0));
+        assert!(got[2 * BS..].iter().all(|b| *b == 1), "the refused write");
+        assert!(SessionDisk::remove(&dir).is_err(), "still locked");
+        disk.detach().unwrap();
+        SessionDisk::remove(&dir).unwrap();
+        assert!(disk.write_at(&[4u8; BS], 0, true).is_err());
+        drop(disk);
+        assert!(!dir.exists());
     }
 }

@@ -318,6 +318,13 @@ pub enum DesktopCommand {
         #[command(flatten)]
         access: HubAccess,
     },
+    /// Return NAME's OS disk to its channel's version: the holding point drops the
+    /// OS disk's changes at the desktop's next start (never under a running VM).
+    ResetOs {
+        name: String,
+        #[command(flatten)]
+        access: HubAccess,
+    },
     /// Hand desktop NAME to POINT; --force takes it from the point holding it.
     Transfer {
         name: String,
@@ -419,11 +426,23 @@ pub enum HubCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum HubDesktopCommand {
-    /// Serve desktop NAME's latest synced OS and user disks over NBD, read-only,
-    /// from the hub's store (e.g. to run a lost laptop's desktop on a data-centre VM
-    /// with qemu's -snapshot). Needs the hub's directory (--dir).
+    /// Serve desktop NAME's latest synced OS and user disks over NBD from the hub's
+    /// store (e.g. to run a lost laptop's desktop on a data-centre VM). Read-only
+    /// unless --writable: then the hub checks the desktop out to itself and serves
+    /// two sessions, exports `desktops/NAME/os` (over the channel's version, changes
+    /// thrown away) and `desktops/NAME/user` (over the user disk's newest version);
+    /// on SIGINT/SIGTERM the user disk is committed to its `main` (a restore point)
+    /// and the desktop released, ready for `strata desktop transfer NAME POINT`.
+    /// Needs the hub's directory (--dir).
     Serve {
         name: String,
+        /// Serve sessions that are checked back in when the server stops.
+        #[arg(long)]
+        writable: bool,
+        /// With --writable: take the desktop from the point holding it (that point
+        /// keeps its unsynced changes as a recovery branch at its next contact).
+        #[arg(long, requires = "writable")]
+        force: bool,
         /// TCP address to listen on (repeatable).
         #[arg(long, value_name = "HOST:PORT")]
         listen: Vec<String>,

@@ -4,9 +4,11 @@
 //! (`strata point run`):
 //!
 //! * `desktops/NAME/os` over the version its channel points at, with a disposable
-//!   delta: never committed or pushed, and dropped when the channel has moved by the
-//!   next start (the new version streams in like any attach: the VM starts before it
-//!   is local);
+//!   delta: never committed or pushed, kept from one start to the next while the
+//!   channel stays, and dropped when the channel has moved by the next start (the
+//!   new version streams in like any attach: the VM starts before it is local) or an
+//!   operator asked for an OS reset (`strata desktop reset-os`) that this point has
+//!   not applied yet. Either happens only at a start: never under a running VM;
 //! * `desktops/NAME/user` over the user disk's newest version on the hub, committed
 //!   and pushed by the agent's sync rounds like any attached session.
 //!
@@ -14,7 +16,8 @@
 //! If the hub's user disk moved without this point (an operator restored it, or
 //! another point held the desktop meanwhile), whatever this point had that the hub
 //! lacks is pushed to a `recovery/POINT-TIME` branch before the session starts over
-//! from the hub's version, so nothing is lost.
+//! from the hub's version, so nothing is lost. After a start the point reports what
+//! it runs to the hub (as every sync round does), so `strata desktop show` tells.
 
 use std::path::Path;
 use std::process::{Command, ExitCode};
@@ -43,6 +46,10 @@ struct DiskReport {
     /// The OS disk: the version it ran before the channel moved (its delta dropped).
     #[serde(skip_serializing_if = "Option::is_none")]
     switched_from: Option<String>,
+    /// The OS disk: its delta was dropped for the operators' OS reset request of
+    /// this number (the channel did not move).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reset: Option<i64>,
     /// The user disk: a branch on the hub keeping what this point had when the hub
     /// had moved on without it.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -135,9 +142,10 @@ fn recover(
 fn start(ctx: &Ctx, name: &str, socket: &Path, exec: bool, memory: &str) -> Result<ExitCode> {
     let (store, point) = open_point(ctx)?;
     let rt = runtime()?;
-    let d = rt
-        .block_on(point.client().check_out(name))
+    let detail = rt
+        .block_on(point.client().check_out_detail(name))
         .with_context(|| format!("checking out desktop {name}"))?;
+    let d = &detail.info;
     let (Some(os_image), Some(os_version)) = (d.os_image.clone(), d.os_version.clone()) else {
         bail!(
             "channel {} of desktop {name} points at no version",
@@ -150,14 +158,24 @@ fn start(ctx: &Ctx, name: &str, socket: &Path, exec: bool, memory: &str) -> Resu
     let state = point.state()?;
 
     let os = os_session(name);
-    let mut switched_from = None;
+    let (mut switched_from, mut reset) = (None, None);
     let os_attach = match state.sessions.get(&os) {
-        Some(s) if s.origin_version == os_version => None,
+        Some(s) if s.origin_version == os_version && s.os_reset >= detail.os_reset => None,
         current => {
-            switched_from = current.map(|s| s.origin_version.clone());
+            match current {
+                Some(s) if s.origin_version != os_version => {
+                    switched_from = Some(s.origin_version.clone())
+                }
+                Some(_) => reset = Some(detail.os_reset),
+                None => {}
+            }
+            // Refused while a VM is connected: a reset waits for the next start.
             drop_session(&store, &point, &os)?;
             let spec = format!("{os_image}@{os_version}");
-            Some(attach_session(ctx, &spec, &os, true)?)
+            let a = attach_session(ctx, &spec, &os, true)?;
+            // A fresh OS disk satisfies every reset asked for so far.
+            point.set_os_reset(&os, detail.os_reset)?;
+            Some(a)
         }
     };
 
@@ -211,6 +229,7 @@ fn start(ctx: &Ctx, name: &str, socket: &Path, exec: bool, memory: &str) -> Resu
             version: os_version,
             nbd: nbd(&os),
             switched_from,
+            reset,
             recovery: None,
             streaming_blocks: streaming(&os_attach),
         },
@@ -219,11 +238,16 @@ fn start(ctx: &Ctx, name: &str, socket: &Path, exec: bool, memory: &str) -> Resu
             version: user_version,
             nbd: nbd(&user),
             switched_from: None,
+            reset: None,
             recovery,
             streaming_blocks: streaming(&user_attach),
         },
         qemu,
     };
+    // Best effort: the next sync round reports anyway.
+    if let Err(e) = rt.block_on(point.report_desktop(name)) {
+        tracing::warn!(desktop = %name, error = %e, "could not report the desktop to the hub");
+    }
     if exec {
         let status = Command::new(&report.qemu[0])
             .args(&report.qemu[1..])
@@ -244,6 +268,12 @@ fn start(ctx: &Ctx, name: &str, socket: &Path, exec: bool, memory: &str) -> Resu
                 &from[..12],
                 &report.os.version[..12],
                 report.channel
+            );
+        }
+        if let Some(n) = report.os.reset {
+            println!(
+                "os disk reset to the channel's version {} (operators' request #{n})",
+                &report.os.version[..12]
             );
         }
         if let Some(r) = &report.user.recovery {

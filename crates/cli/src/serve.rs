@@ -92,13 +92,40 @@ impl StoreExports {
     }
 
     /// Stop serving session `name` to new connections (so it can be removed or
-    /// replaced); unless `force`, refused while a client is connected to it (with it,
-    /// connected clients keep their open disk). True if it was open.
+    /// replaced); unless `force`, refused while a client is connected to it. With
+    /// `force`, connected clients keep their open disk, but detached
+    /// ([`SessionDisk::detach`]): every further request of theirs fails with EIO, so
+    /// no write is acknowledged into a delta that is about to be removed, and the
+    /// directory is free to remove. True if it was open.
     pub fn release_session(&self, name: &str, force: bool) -> Result<bool> {
         if let Some(n) = self.clients.lock().unwrap().get(name).filter(|_| !force) {
             anyhow::bail!("session {name} has {n} connected client(s); stop the VM first");
         }
-        Ok(self.sessions.lock().unwrap().remove(name).is_some())
+        let Some(disk) = self.sessions.lock().unwrap().remove(name) else {
+            return Ok(false);
+        };
+        if force {
+            // Detached even if the flush fails (the lock is given up either way).
+            if let Err(e) = disk.detach() {
+                tracing::warn!(session = %name, error = %e, "flushing a released session failed");
+            }
+        }
+        Ok(true)
+    }
+
+    /// Seal the open session `name` ([`SessionDisk::seal`]): its clients' further
+    /// requests fail, what they were told is written stays for a last commit (through
+    /// [`StoreExports::session`], which still returns it). False if it is not open.
+    pub fn seal_session(&self, name: &str) -> Result<bool> {
+        let disk = self.sessions.lock().unwrap().get(name).cloned();
+        match disk {
+            Some(d) => {
+                d.seal()
+                    .with_context(|| format!("flushing sealed session {name}"))?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 
     /// The open session `name`, opening it on first use.
@@ -188,6 +215,12 @@ impl ExportProvider for StoreExports {
             let disk = self
                 .session(name)
                 .map_err(|e| io::Error::other(format!("{e:#}")))?;
+            if disk.is_sealed() {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!("session {name} was released (its desktop is checked out elsewhere)"),
+                ));
+            }
             let base = disk.base();
             return Ok(Export::new(disk as Arc<dyn Disk>)
                 .with_description(format!("session over version {}", base.short()))
@@ -221,6 +254,12 @@ pub enum Control {
     },
     /// Connected clients per export.
     Clients,
+    /// Refuse every further request of the session's clients (a point that lost the
+    /// desktop the session belongs to, before its last commit); see
+    /// [`StoreExports::seal_session`].
+    Seal {
+        session: String,
+    },
 }
 
 /// Run a control request against sessions held by `exports`.
@@ -244,6 +283,10 @@ pub fn handle_control(exports: &StoreExports, req: Control) -> Result<serde_json
         Control::Clients => {
             let clients = exports.clients.lock().unwrap().clone();
             Ok(serde_json::json!({ "clients": clients }))
+        }
+        Control::Seal { session } => {
+            let sealed = exports.seal_session(&session)?;
+            Ok(serde_json::json!({"session": session, "sealed": sealed}))
         }
     }
 }
@@ -391,7 +434,12 @@ pub fn serve_exports(
         anyhow::Ok(())
     });
     let _ = std::fs::remove_file(&control);
-    // Dropping the sessions flushes them.
+    // The connections' tasks hold their disks: gone with the runtime. Then close the
+    // sessions here (closing flushes them), although the control thread, blocked on
+    // its socket, still holds `exports`: the caller may open them next (`hub desktop
+    // serve --writable` commits its user session when serving ends).
+    drop(rt);
+    exports.sessions.lock().unwrap().clear();
     drop(exports);
     result
 }

@@ -92,14 +92,28 @@ pub trait MetaDb: Send + Sync {
         force: bool,
         actor: &str,
     ) -> DbResult<Result<DesktopRow, DesktopRow>>;
-    /// Release `point`'s hold on desktop `name`; false if it did not hold it.
-    fn check_in(&self, name: &str, point: &str) -> DbResult<bool>;
+    /// Release `point`'s hold on desktop `name` and audit it as `actor`'s; false if
+    /// it did not hold it.
+    fn check_in(&self, name: &str, point: &str, actor: &str) -> DbResult<bool>;
     /// Has `point` ever held desktop `name`?
     fn held_before(&self, name: &str, point: &str) -> DbResult<bool>;
     /// The desktops `point` holds now.
     fn desktops_held_by(&self, point: &str) -> DbResult<Vec<DesktopRow>>;
     /// When `point` last made a request (to the minute), if ever.
     fn last_seen(&self, point: &str) -> DbResult<Option<i64>>;
+    /// Count one more OS reset request of desktop `name` by `actor` and audit it, in
+    /// one transaction. The desktop afterwards (`None`: no such desktop).
+    fn request_os_reset(&self, name: &str, actor: &str) -> DbResult<Option<DesktopRow>>;
+    /// Keep `report` (JSON) as desktop `name`'s newest report, from `point`.
+    fn put_desktop_report(
+        &self,
+        name: &str,
+        point: &str,
+        received: i64,
+        report: &str,
+    ) -> DbResult<()>;
+    /// Desktop `name`'s newest report: (point, received, JSON).
+    fn desktop_report(&self, name: &str) -> DbResult<Option<(String, i64, String)>>;
 }
 
 /// A desktop as the hub's metadata keeps it.
@@ -112,6 +126,10 @@ pub struct DesktopRow {
     pub holder: Option<String>,
     pub holder_since: Option<i64>,
     pub epoch: i64,
+    /// OS resets requested so far, and the last one's time and actor.
+    pub os_reset: i64,
+    pub os_reset_time: Option<i64>,
+    pub os_reset_by: Option<String>,
 }
 
 const SCHEMA: &str = r#"
@@ -155,7 +173,10 @@ CREATE TABLE IF NOT EXISTS desktops(
     created INTEGER NOT NULL,
     holder TEXT,
     holder_since INTEGER,
-    epoch INTEGER NOT NULL DEFAULT 0
+    epoch INTEGER NOT NULL DEFAULT 0,
+    os_reset INTEGER NOT NULL DEFAULT 0,
+    os_reset_time INTEGER,
+    os_reset_by TEXT
 );
 CREATE INDEX IF NOT EXISTS desktops_by_holder ON desktops(holder);
 CREATE TABLE IF NOT EXISTS desktop_holders(
@@ -163,6 +184,12 @@ CREATE TABLE IF NOT EXISTS desktop_holders(
     point TEXT NOT NULL,
     since INTEGER NOT NULL,
     PRIMARY KEY(desktop, point)
+);
+CREATE TABLE IF NOT EXISTS desktop_reports(
+    desktop TEXT PRIMARY KEY,
+    point TEXT NOT NULL,
+    received INTEGER NOT NULL,
+    report TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS audit(
     id INTEGER PRIMARY KEY,
@@ -194,6 +221,7 @@ impl SqliteMeta {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
         Ok(SqliteMeta {
             conn: Mutex::new(conn),
         })
@@ -202,6 +230,24 @@ impl SqliteMeta {
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Bring a database made by an older hub up to [`SCHEMA`] (columns added since).
+fn migrate(conn: &Connection) -> DbResult<()> {
+    let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('desktops')")?;
+    let columns: Vec<String> = stmt
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for (column, decl) in [
+        ("os_reset", "INTEGER NOT NULL DEFAULT 0"),
+        ("os_reset_time", "INTEGER"),
+        ("os_reset_by", "TEXT"),
+    ] {
+        if !columns.iter().any(|c| c == column) {
+            conn.execute_batch(&format!("ALTER TABLE desktops ADD COLUMN {column} {decl}"))?;
+        }
+    }
+    Ok(())
 }
 
 impl MetaDb for SqliteMeta {
@@ -470,7 +516,7 @@ impl MetaDb for SqliteMeta {
 
     fn create_desktop(&self, d: &DesktopRow) -> DbResult<bool> {
         Ok(self.conn().execute(
-            &format!("INSERT INTO desktops({DESKTOP_COLUMNS}) VALUES(?, ?, ?, ?, NULL, NULL, 0) ON CONFLICT DO NOTHING"),
+            &format!("INSERT INTO desktops({DESKTOP_COLUMNS}) VALUES(?, ?, ?, ?, NULL, NULL, 0, 0, NULL, NULL) ON CONFLICT DO NOTHING"),
             params![d.name, d.channel, d.user_image, d.created],
         )? > 0)
     }
@@ -499,6 +545,7 @@ impl MetaDb for SqliteMeta {
         let mut c = self.conn();
         let tx = c.transaction()?;
         tx.execute("DELETE FROM desktop_holders WHERE desktop = ?", [name])?;
+        tx.execute("DELETE FROM desktop_reports WHERE desktop = ?", [name])?;
         let n = tx.execute("DELETE FROM desktops WHERE name = ?", [name])?;
         tx.commit()?;
         Ok(n > 0)
@@ -570,7 +617,7 @@ impl MetaDb for SqliteMeta {
         Ok(Ok(after))
     }
 
-    fn check_in(&self, name: &str, point: &str) -> DbResult<bool> {
+    fn check_in(&self, name: &str, point: &str, actor: &str) -> DbResult<bool> {
         let mut c = self.conn();
         let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let n = tx.execute(
@@ -580,8 +627,8 @@ impl MetaDb for SqliteMeta {
         )?;
         if n > 0 {
             tx.execute(
-                "INSERT INTO audit(time, actor, action, target, detail) VALUES(?, ?, 'desktop.checkin', ?, '')",
-                params![now(), format!("point:{point}"), name],
+                "INSERT INTO audit(time, actor, action, target, detail) VALUES(?, ?, 'desktop.checkin', ?, ?)",
+                params![now(), actor, name, format!("from {point}")],
             )?;
         }
         tx.commit()?;
@@ -616,6 +663,63 @@ impl MetaDb for SqliteMeta {
             |r| r.get::<_, i64>(0),
         )? > 0)
     }
+
+    fn request_os_reset(&self, name: &str, actor: &str) -> DbResult<Option<DesktopRow>> {
+        let mut c = self.conn();
+        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let t = now();
+        let n = tx.execute(
+            "UPDATE desktops SET os_reset = os_reset + 1, os_reset_time = ?, os_reset_by = ?
+             WHERE name = ?",
+            params![t, actor, name],
+        )?;
+        if n == 0 {
+            return Ok(None);
+        }
+        let after = tx.query_row(
+            &format!("SELECT {DESKTOP_COLUMNS} FROM desktops WHERE name = ?"),
+            [name],
+            desktop_row,
+        )?;
+        let detail = format!(
+            "#{}; applied by {} at its next start",
+            after.os_reset,
+            after.holder.as_deref().unwrap_or("the next holder")
+        );
+        tx.execute(
+            "INSERT INTO audit(time, actor, action, target, detail) VALUES(?, ?, 'desktop.reset-os', ?, ?)",
+            params![t, actor, name, detail],
+        )?;
+        tx.commit()?;
+        Ok(Some(after))
+    }
+
+    fn put_desktop_report(
+        &self,
+        name: &str,
+        point: &str,
+        received: i64,
+        report: &str,
+    ) -> DbResult<()> {
+        self.conn().execute(
+            "INSERT INTO desktop_reports(desktop, point, received, report) VALUES(?, ?, ?, ?)
+             ON CONFLICT(desktop) DO UPDATE SET point = excluded.point,
+                 received = excluded.received, report = excluded.report",
+            params![name, point, received, report],
+        )?;
+        Ok(())
+    }
+
+    fn desktop_report(&self, name: &str) -> DbResult<Option<(String, i64, String)>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT point, received, report FROM desktop_reports WHERE desktop = ?",
+                [name],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?)
+    }
 }
 
 fn channel_entry(r: &rusqlite::Row) -> rusqlite::Result<ChannelLogEntry> {
@@ -631,7 +735,8 @@ fn channel_entry(r: &rusqlite::Row) -> rusqlite::Result<ChannelLogEntry> {
     })
 }
 
-const DESKTOP_COLUMNS: &str = "name, channel, user_image, created, holder, holder_since, epoch";
+const DESKTOP_COLUMNS: &str = "name, channel, user_image, created, holder, holder_since, epoch, \
+                               os_reset, os_reset_time, os_reset_by";
 
 fn desktop_row(r: &rusqlite::Row) -> rusqlite::Result<DesktopRow> {
     Ok(DesktopRow {
@@ -642,6 +747,9 @@ fn desktop_row(r: &rusqlite::Row) -> rusqlite::Result<DesktopRow> {
         holder: r.get(4)?,
         holder_since: r.get(5)?,
         epoch: r.get(6)?,
+        os_reset: r.get(7)?,
+        os_reset_time: r.get(8)?,
+        os_reset_by: r.get(9)?,
     })
 }
 
@@ -678,5 +786,36 @@ mod tests {
         assert_eq!(db.claim("img", "p2").unwrap(), "p1");
         db.audit("admin", "grant", "p1", "img").unwrap();
         assert_eq!(db.audit_log(10).unwrap()[0].action, "grant");
+    }
+
+    /// A database made before OS resets existed gains their columns on open, and its
+    /// desktops read as never reset.
+    #[test]
+    fn an_older_database_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.sqlite");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE desktops(name TEXT PRIMARY KEY, channel TEXT NOT NULL,
+                     user_image TEXT NOT NULL UNIQUE, created INTEGER NOT NULL, holder TEXT,
+                     holder_since INTEGER, epoch INTEGER NOT NULL DEFAULT 0);
+                 INSERT INTO desktops VALUES('d1', 'c', 'desktops/d1/user', 5, 'p1', 6, 1);",
+            )
+            .unwrap();
+        }
+        let db = SqliteMeta::open(&path).unwrap();
+        let d = db.desktop("d1").unwrap().unwrap();
+        assert_eq!(
+            (d.holder.as_deref(), d.epoch, d.os_reset),
+            (Some("p1"), 1, 0)
+        );
+        let d = db.request_os_reset("d1", "admin").unwrap().unwrap();
+        assert_eq!((d.os_reset, d.os_reset_by.as_deref()), (1, Some("admin")));
+        assert_eq!(db.audit_log(1).unwrap()[0].action, "desktop.reset-os");
+        drop(db);
+        // Opening again changes nothing.
+        let db = SqliteMeta::open(&path).unwrap();
+        assert_eq!(db.desktop("d1").unwrap().unwrap().os_reset, 1);
     }
 }

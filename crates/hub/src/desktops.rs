@@ -13,14 +13,33 @@
 //! but only to `recovery/...` branches: its unsynced changes are kept as a named
 //! recovery version instead of being lost, and can never overwrite the new holder's
 //! `main`.
+//!
+//! **The hub as holder.** `strata hub desktop serve NAME --writable` checks the
+//! desktop out to [`HUB_HOLDER`] (an operator's transfer, audited) while it serves
+//! it from the hub's store; no point may act under that name. The serving command
+//! commits what it served to `main` by compare-and-swap and then releases the hold
+//! (an operator's check-in), so `strata desktop transfer NAME POINT` hands it on
+//! without `--force`. A point that held it before keeps its tail as a recovery
+//! branch, as after any forced transfer.
+//!
+//! **OS resets.** An operator's `reset-os` counts a request on the desktop; the
+//! holder compares that count with the one it applied at its next start and, if it
+//! is behind, starts its OS disk over from the channel's version (never under a
+//! running VM).
+//!
+//! **Reports.** In each sync round the holder reports what it runs (OS version,
+//! user disk's local and pushed versions, bytes the hub lacks); the hub keeps the
+//! newest report per desktop and shows it with the hub's own view. A report from a
+//! point that no longer holds the desktop is refused with 403, which is how such a
+//! point learns that it lost the desktop even when it has nothing to push.
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use strata_store::{CommitTarget, RefKind, WriteSession};
 use strata_sync::api::{
-    CreateDesktopRequest, DesktopInfo, RestorePoint, RestoreRequest, RestoreResponse,
-    TransferRequest,
+    CreateDesktopRequest, DesktopDetail, DesktopInfo, DesktopPointReport, DesktopPointStatus,
+    RestorePoint, RestoreRequest, RestoreResponse, TransferRequest, HUB_HOLDER,
 };
 
 use crate::db::{now, DesktopRow};
@@ -48,8 +67,26 @@ fn channel_now(hub: &Hub, channel: &str) -> ApiResult<Option<(String, String)>> 
     Ok(hub.db.channel_head(channel)?.map(|e| (e.image, e.version)))
 }
 
+/// Does point `p` hold desktop `d`? (Never under the hub's own name.)
+fn holds(d: &DesktopRow, p: &str) -> bool {
+    p != HUB_HOLDER && d.holder.as_deref() == Some(p)
+}
+
+/// A point enrolled under the hub's holder name gets no desktop rights from it.
+fn reserved(p: &str) -> ApiResult<()> {
+    if p == HUB_HOLDER {
+        return Err(ApiError::forbidden(format!(
+            "the name {HUB_HOLDER:?} is reserved for the hub's own hold of desktops"
+        )));
+    }
+    Ok(())
+}
+
 /// May point `p` read `image` because of a desktop it holds?
 pub(crate) fn may_read(hub: &Hub, p: &str, image: &str) -> ApiResult<bool> {
+    if p == HUB_HOLDER {
+        return Ok(false);
+    }
     for d in hub.db.desktops_held_by(p)? {
         if d.user_image == image {
             return Ok(true);
@@ -67,7 +104,7 @@ pub(crate) fn may_write(hub: &Hub, p: &str, image: &str) -> ApiResult<Option<Api
     let Some(d) = hub.db.desktop_by_user_image(image)? else {
         return Ok(None);
     };
-    if d.holder.as_deref() == Some(p) || hub.db.held_before(&d.name, p)? {
+    if p != HUB_HOLDER && (holds(&d, p) || hub.db.held_before(&d.name, p)?) {
         return Ok(Some(Ok(())));
     }
     Ok(Some(Err(ApiError::forbidden(format!(
@@ -82,7 +119,7 @@ pub(crate) fn check_branch(hub: &Hub, c: &Caller, image: &str, branch: &str) -> 
     let Some(d) = hub.db.desktop_by_user_image(image)? else {
         return Ok(());
     };
-    if d.holder.as_deref() == Some(p.as_str()) || branch.starts_with(RECOVERY_PREFIX) {
+    if holds(&d, p) || (p != HUB_HOLDER && branch.starts_with(RECOVERY_PREFIX)) {
         return Ok(());
     }
     Err(ApiError::forbidden(format!(
@@ -91,6 +128,32 @@ pub(crate) fn check_branch(hub: &Hub, c: &Caller, image: &str, branch: &str) -> 
         d.name,
         d.holder.as_deref().unwrap_or("no point")
     )))
+}
+
+/// The desktop as every endpoint answers: [`DesktopInfo`] with the OS reset
+/// requests and its holder's newest report.
+fn detail(hub: &Hub, d: DesktopRow) -> ApiResult<DesktopDetail> {
+    let point = match hub.db.desktop_report(&d.name)? {
+        Some((p, received, json)) if d.holder.as_deref() == Some(p.as_str()) => {
+            serde_json::from_str::<DesktopPointReport>(&json)
+                .ok()
+                .map(|report| DesktopPointStatus {
+                    point: p,
+                    received,
+                    report,
+                })
+        }
+        _ => None,
+    };
+    let (os_reset, os_reset_time, os_reset_by) =
+        (d.os_reset, d.os_reset_time, d.os_reset_by.clone());
+    Ok(DesktopDetail {
+        info: info(hub, d)?,
+        os_reset,
+        os_reset_time,
+        os_reset_by,
+        point,
+    })
 }
 
 fn info(hub: &Hub, d: DesktopRow) -> ApiResult<DesktopInfo> {
@@ -125,7 +188,7 @@ pub(crate) async fn create(
     State(hub): State<AppState>,
     c: Caller,
     Json(req): Json<CreateDesktopRequest>,
-) -> ApiResult<Json<DesktopInfo>> {
+) -> ApiResult<Json<DesktopDetail>> {
     require_admin(&c)?;
     blocking(move || {
         strata_store::validate_name(&req.name)?;
@@ -185,6 +248,9 @@ pub(crate) async fn create(
             holder: None,
             holder_since: None,
             epoch: 0,
+            os_reset: 0,
+            os_reset_time: None,
+            os_reset_by: None,
         };
         if !hub.db.create_desktop(&row)? {
             let _ = hub.store.delete_image(&image);
@@ -201,7 +267,7 @@ pub(crate) async fn create(
             &req.name,
             &format!("channel {}, user disk {image}", req.channel),
         )?;
-        Ok(Json(info(&hub, row)?))
+        Ok(Json(detail(&hub, row)?))
     })
     .await
 }
@@ -209,15 +275,16 @@ pub(crate) async fn create(
 pub(crate) async fn list(
     State(hub): State<AppState>,
     c: Caller,
-) -> ApiResult<Json<Vec<DesktopInfo>>> {
+) -> ApiResult<Json<Vec<DesktopDetail>>> {
     blocking(move || {
         let rows = match &c {
             Caller::Admin => hub.db.desktops()?,
+            Caller::Point(p) if p == HUB_HOLDER => Vec::new(),
             Caller::Point(p) => hub.db.desktops_held_by(p)?,
         };
         let out = rows
             .into_iter()
-            .map(|d| info(&hub, d))
+            .map(|d| detail(&hub, d))
             .collect::<ApiResult<_>>()?;
         Ok(Json(out))
     })
@@ -228,17 +295,18 @@ pub(crate) async fn show(
     State(hub): State<AppState>,
     c: Caller,
     Path(name): Path<String>,
-) -> ApiResult<Json<DesktopInfo>> {
+) -> ApiResult<Json<DesktopDetail>> {
     blocking(move || {
         let d = hub.db.desktop(&name)?.ok_or_else(|| no_desktop(&name))?;
         if let Caller::Point(p) = &c {
-            if d.holder.as_deref() != Some(p.as_str()) && !hub.db.held_before(&name, p)? {
+            reserved(p)?;
+            if !holds(&d, p) && !hub.db.held_before(&name, p)? {
                 return Err(ApiError::forbidden(format!(
                     "point {p:?} does not hold desktop {name:?}"
                 )));
             }
         }
-        Ok(Json(info(&hub, d)?))
+        Ok(Json(detail(&hub, d)?))
     })
     .await
 }
@@ -265,6 +333,13 @@ pub(crate) async fn remove(
 
 fn held_elsewhere(hub: &Hub, d: &DesktopRow, hint: &str) -> ApiResult<ApiError> {
     let holder = d.holder.clone().unwrap_or_default();
+    if holder == HUB_HOLDER {
+        return Ok(conflict(format!(
+            "desktop {} is served by the hub itself (`strata hub desktop serve --writable`; \
+             stopping it releases the desktop){hint}",
+            d.name
+        )));
+    }
     let seen = match hub.db.last_seen(&holder)? {
         Some(t) => format!("last contact {}s ago", (now() - t).max(0)),
         None => "never in contact".to_string(),
@@ -279,18 +354,19 @@ pub(crate) async fn check_out(
     State(hub): State<AppState>,
     c: Caller,
     Path(name): Path<String>,
-) -> ApiResult<Json<DesktopInfo>> {
+) -> ApiResult<Json<DesktopDetail>> {
     let Caller::Point(p) = c.clone() else {
         return Err(ApiError::bad_request(
             "operators hand desktops over with transfer; a point checks out",
         ));
     };
+    reserved(&p)?;
     blocking(move || {
         if hub.db.desktop(&name)?.is_none() {
             return Err(no_desktop(&name));
         }
         match hub.db.check_out(&name, &p, false, &c.actor())? {
-            Ok(d) => Ok(Json(info(&hub, d)?)),
+            Ok(d) => Ok(Json(detail(&hub, d)?)),
             Err(d) => Err(held_elsewhere(
                 &hub,
                 &d,
@@ -305,20 +381,29 @@ pub(crate) async fn check_in(
     State(hub): State<AppState>,
     c: Caller,
     Path(name): Path<String>,
-) -> ApiResult<Json<DesktopInfo>> {
-    let Caller::Point(p) = c else {
-        return Err(ApiError::bad_request("only the holding point checks in"));
+) -> ApiResult<Json<DesktopDetail>> {
+    // An operator checks in for the hub: the end of `hub desktop serve --writable`.
+    let holder = match &c {
+        Caller::Point(p) => {
+            reserved(p)?;
+            p.clone()
+        }
+        Caller::Admin => HUB_HOLDER.to_string(),
     };
     blocking(move || {
         let d = hub.db.desktop(&name)?.ok_or_else(|| no_desktop(&name))?;
-        if !hub.db.check_in(&name, &p)? {
+        if !hub.db.check_in(&name, &holder, &c.actor())? {
             return Err(ApiError::forbidden(format!(
-                "point {p:?} does not hold desktop {name:?} (holder: {})",
+                "{} does not hold desktop {name:?} (holder: {})",
+                match &c {
+                    Caller::Point(p) => format!("point {p:?}"),
+                    Caller::Admin => "the hub".to_string(),
+                },
                 d.holder.as_deref().unwrap_or("none")
             )));
         }
         let d = hub.db.desktop(&name)?.ok_or_else(|| no_desktop(&name))?;
-        Ok(Json(info(&hub, d)?))
+        Ok(Json(detail(&hub, d)?))
     })
     .await
 }
@@ -328,20 +413,21 @@ pub(crate) async fn transfer(
     c: Caller,
     Path(name): Path<String>,
     Json(req): Json<TransferRequest>,
-) -> ApiResult<Json<DesktopInfo>> {
+) -> ApiResult<Json<DesktopDetail>> {
     require_admin(&c)?;
     blocking(move || {
         if hub.db.desktop(&name)?.is_none() {
             return Err(no_desktop(&name));
         }
-        if !hub.db.point_exists(&req.point)? {
+        // The hub itself may hold a desktop (to serve it writable); it is no point.
+        if req.point != HUB_HOLDER && !hub.db.point_exists(&req.point)? {
             return Err(ApiError::not_found(format!(
                 "no point named {:?}",
                 req.point
             )));
         }
         match hub.db.check_out(&name, &req.point, req.force, &c.actor())? {
-            Ok(d) => Ok(Json(info(&hub, d)?)),
+            Ok(d) => Ok(Json(detail(&hub, d)?)),
             Err(d) => Err(held_elsewhere(&hub, &d, "; add --force to take it")?),
         }
     })
@@ -375,7 +461,7 @@ pub(crate) async fn restore_points(
     blocking(move || {
         let d = hub.db.desktop(&name)?.ok_or_else(|| no_desktop(&name))?;
         if let Caller::Point(p) = &c {
-            if d.holder.as_deref() != Some(p.as_str()) {
+            if !holds(&d, p) {
                 return Err(ApiError::forbidden(format!(
                     "point {p:?} does not hold desktop {name:?}"
                 )));
@@ -469,6 +555,48 @@ pub(crate) async fn restore(
             previous: current.to_hex(),
             version: vid.to_hex(),
         }))
+    })
+    .await
+}
+
+pub(crate) async fn reset_os(
+    State(hub): State<AppState>,
+    c: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<Json<DesktopDetail>> {
+    require_admin(&c)?;
+    blocking(move || {
+        let d = hub
+            .db
+            .request_os_reset(&name, &c.actor())?
+            .ok_or_else(|| no_desktop(&name))?;
+        Ok(Json(detail(&hub, d)?))
+    })
+    .await
+}
+
+pub(crate) async fn report(
+    State(hub): State<AppState>,
+    c: Caller,
+    Path(name): Path<String>,
+    Json(report): Json<DesktopPointReport>,
+) -> ApiResult<StatusCode> {
+    let Caller::Point(p) = c else {
+        return Err(ApiError::bad_request("only the holding point reports"));
+    };
+    reserved(&p)?;
+    blocking(move || {
+        let d = hub.db.desktop(&name)?.ok_or_else(|| no_desktop(&name))?;
+        if !holds(&d, &p) {
+            // How a point that lost the desktop learns it (see the module docs).
+            return Err(ApiError::forbidden(format!(
+                "desktop {name:?} is checked out to {}, not to point {p:?}",
+                d.holder.as_deref().unwrap_or("no one")
+            )));
+        }
+        let json = serde_json::to_string(&report).map_err(ApiError::internal)?;
+        hub.db.put_desktop_report(&name, &p, now(), &json)?;
+        Ok(StatusCode::NO_CONTENT)
     })
     .await
 }

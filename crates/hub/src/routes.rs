@@ -79,6 +79,11 @@ pub(crate) fn router(hub: AppState) -> Router {
             "/v1/desktops/{name}/restore-points",
             get(crate::desktops::restore_points),
         )
+        .route("/v1/desktops/{name}/report", post(crate::desktops::report))
+        .route(
+            "/v1/admin/desktops/{name}/reset-os",
+            post(crate::desktops::reset_os),
+        )
         // Id lists are at most 64 B × 65,536; object streams are read incrementally
         // and have no overall limit.
         .layer(DefaultBodyLimit::max(MAX_IDS_PER_REQUEST * 64 + 4096))

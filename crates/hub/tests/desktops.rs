@@ -305,3 +305,156 @@ async fn restore_undo_and_retention() {
         2
     );
 }
+
+/// OS reset requests (counted, audited, handed to the holder at check-out), the
+/// holder's reports (kept per desktop, refused from anyone else, hidden once the
+/// desktop moved on), and the hub's own hold (`hub desktop serve --writable`): a
+/// transfer to `hub` needs no enrolled point, shuts the former holder out of `main`
+/// and its reports, and an operator's check-in releases it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn os_resets_point_reports_and_the_hubs_own_hold() {
+    use strata_sync::api::{DesktopPointReport, HUB_HOLDER};
+
+    let env = Env::new().await;
+    let hub_store = env.hub_store();
+    commit(&hub_store, "gold", &[block(1), block(2)], None);
+    let admin = env.admin();
+    admin
+        .publish(&PublishRequest {
+            channel: "c".into(),
+            image: "gold".into(),
+            rev: "main".into(),
+            expected_seq: None,
+        })
+        .await
+        .unwrap();
+    admin
+        .create_desktop(&CreateDesktopRequest {
+            name: "d1".into(),
+            channel: "c".into(),
+            size: Some(4 * BS as u64),
+            template: None,
+            block_size: Some(BS),
+        })
+        .await
+        .unwrap();
+    let fresh = admin.desktop_detail("d1").await.unwrap();
+    assert_eq!((fresh.os_reset, fresh.point.as_ref()), (0, None));
+
+    // Reset requests count up, name who asked, and are audited.
+    assert_eq!(admin.reset_desktop_os("d1").await.unwrap().os_reset, 1);
+    let d = admin.reset_desktop_os("d1").await.unwrap();
+    assert_eq!(d.os_reset, 2);
+    assert_eq!(d.os_reset_by.as_deref(), Some("admin"));
+    assert!(d.os_reset_time.is_some());
+    let err = admin.reset_desktop_os("nope").await.unwrap_err();
+    assert!(matches!(err, SyncError::Hub { status: 404, .. }), "{err}");
+
+    let (c1, c2) = (env.enroll("p1").await, env.enroll("p2").await);
+    let (p1, p2) = (env.client(Some(&c1)), env.client(Some(&c2)));
+    // A point may not request resets; the holder learns the count at check-out.
+    assert!(matches!(
+        p1.reset_desktop_os("d1").await.unwrap_err(),
+        SyncError::Forbidden(_)
+    ));
+    let out = p1.check_out_detail("d1").await.unwrap();
+    assert_eq!((out.info.holder.as_deref(), out.os_reset), (Some("p1"), 2));
+
+    // The holder's report is kept and shown with the hub's view; nobody else may
+    // report.
+    let report = DesktopPointReport {
+        time: 1234,
+        os_version: d.info.os_version.clone(),
+        os_reset: 2,
+        user_version: Some("ab".repeat(32)),
+        user_pushed: d.info.user_version.clone(),
+        unpushed_bytes: 3 * BS as u64,
+        uncommitted_bytes: BS as u64,
+        pending_bytes: 4 * BS as u64,
+        last_sync: Some(1200),
+        ..DesktopPointReport::default()
+    };
+    p1.report_desktop("d1", &report).await.unwrap();
+    let shown = admin.desktop_detail("d1").await.unwrap();
+    let p = shown.point.expect("the holder's report");
+    assert_eq!((p.point.as_str(), &p.report), ("p1", &report));
+    assert!(p.received > 0);
+    assert_eq!(
+        admin.desktops_detail().await.unwrap()[0].point.as_ref(),
+        Some(&p)
+    );
+    let err = p2.report_desktop("d1", &report).await.unwrap_err();
+    assert!(matches!(err, SyncError::Forbidden(_)), "{err}");
+
+    // The hub takes the desktop for itself: no enrolled point needed, the former
+    // holder's report is no longer shown and its next report is refused (how it
+    // learns it lost the desktop), and it may push only recovery branches.
+    let err = admin
+        .transfer_desktop("d1", HUB_HOLDER, false)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, SyncError::Conflict(m) if m.contains("--force")),
+        "{err}"
+    );
+    let held = admin
+        .transfer_desktop("d1", HUB_HOLDER, true)
+        .await
+        .unwrap();
+    assert_eq!(held.holder.as_deref(), Some(HUB_HOLDER));
+    assert_eq!(admin.desktop_detail("d1").await.unwrap().point, None);
+    let err = p1.report_desktop("d1", &report).await.unwrap_err();
+    assert!(matches!(err, SyncError::Forbidden(_)), "{err}");
+    let main = hub_store
+        .get_ref(USER, RefKind::Branch, "main")
+        .unwrap()
+        .unwrap();
+    let err = p1
+        .cas_ref(USER, "main", Some(&main), &main)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, SyncError::Forbidden(m) if m.contains("recovery/")),
+        "{err}"
+    );
+    let err = p2.check_out("d1").await.unwrap_err();
+    assert!(
+        matches!(&err, SyncError::Conflict(m) if m.contains("served by the hub")),
+        "{err}"
+    );
+    // A point enrolled under the reserved name gets nothing from the hub's hold.
+    let c3 = env.enroll(HUB_HOLDER).await;
+    let fake = env.client(Some(&c3));
+    assert!(fake.desktops().await.unwrap().is_empty());
+    assert!(matches!(
+        fake.image(USER).await.unwrap_err(),
+        SyncError::Forbidden(_)
+    ));
+    assert!(matches!(
+        fake.report_desktop("d1", &report).await.unwrap_err(),
+        SyncError::Forbidden(_)
+    ));
+    assert!(matches!(
+        fake.check_in("d1").await.unwrap_err(),
+        SyncError::Forbidden(_)
+    ));
+
+    // An operator's check-in releases the hub's hold (once); then anyone may check
+    // out again.
+    let released = admin.check_in("d1").await.unwrap();
+    assert_eq!(released.holder, None);
+    assert!(matches!(
+        admin.check_in("d1").await.unwrap_err(),
+        SyncError::Forbidden(_)
+    ));
+    p2.check_out("d1").await.unwrap();
+    let audit = admin.audit(100).await.unwrap();
+    let seen = |action: &str, actor: &str, detail: &str| {
+        audit
+            .iter()
+            .any(|a| a.action == action && a.actor == actor && a.detail.contains(detail))
+    };
+    assert!(seen("desktop.reset-os", "admin", "#2"), "{audit:#?}");
+    assert!(seen("desktop.transfer", "admin", "to hub, taken from p1"));
+    assert!(seen("desktop.checkin", "admin", "from hub"));
+}

@@ -35,6 +35,15 @@ pub struct SessionState {
     /// sync rounds neither commit nor push it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub disposable: bool,
+    /// A desktop's OS disk: the operators' OS reset requests it has applied (it
+    /// starts over from the channel's version at the next start when the hub counts
+    /// more).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub os_reset: i64,
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

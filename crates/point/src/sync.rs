@@ -1,11 +1,26 @@
 //! [`Point`]: pulls, base fetches for new sessions, sync rounds and status.
+//!
+//! **Desktops in a sync round.** For each desktop whose user disk it holds, the
+//! round commits the user disk, then reports to the hub what the point runs and what
+//! it has that the hub lacks ([`Point::desktop_report`]; a long push over a slow link
+//! shows meanwhile as pending bytes), pushes, and, if there was something to push,
+//! reports again once the round is recorded (nothing pending, and when it last
+//! synced). A report or push refused with 403 means the desktop was checked out
+//! elsewhere: the point first *seals* both disks where they are served (through the
+//! serving process's control socket, `STORE/serve.sock`: every further read, write
+//! and flush of a connected VM fails), commits the user disk once more, so its last
+//! version holds exactly the writes the VM was told had succeeded, keeps that on the
+//! hub as a `recovery/POINT-TIME` branch, and stops syncing both disks (the agent
+//! then stops serving them).
 
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use strata_store::{RefKind, Store, StoreError, VersionId};
+use strata_sync::api::DesktopPointReport;
 use strata_sync::{Expect, HubClient, PullOptions, PushOptions, SyncError, TransferStats};
 
 use crate::config::{client_config, PointConfig, CREDENTIAL_FILE};
@@ -63,13 +78,41 @@ pub struct SessionSync {
     #[serde(skip)]
     pub transient: bool,
     /// The session was a desktop's user disk now checked out elsewhere: its local
-    /// changes went to this hub branch, and the point no longer syncs it.
+    /// changes went to this hub branch, and the point no longer syncs it. (Its OS
+    /// disk is listed too, with the same branch: its changes are disposable.)
     #[serde(skip_serializing_if = "Option::is_none")]
     pub recovered: Option<String>,
 }
 
 /// Images of desktops' disks on the hub (`desktops/NAME/user`).
 pub const DESKTOP_IMAGE_PREFIX: &str = "desktops/";
+
+/// The session (and local image) of desktop `name`'s user disk on a point.
+fn desktop_user_session(name: &str) -> String {
+    format!("{DESKTOP_IMAGE_PREFIX}{name}/user")
+}
+
+/// The session of desktop `name`'s OS disk on a point.
+fn desktop_os_session(name: &str) -> String {
+    format!("{DESKTOP_IMAGE_PREFIX}{name}/os")
+}
+
+/// The desktop whose user disk session `name` is.
+fn desktop_of(name: &str) -> Option<&str> {
+    name.strip_prefix(DESKTOP_IMAGE_PREFIX)?
+        .strip_suffix("/user")
+        .filter(|d| !d.is_empty())
+}
+
+/// Where a session's delta lives in a store (`STORE/disk-sessions/NAME`, see
+/// `docs/architecture.md`).
+fn session_dir(root: &Path, name: &str) -> PathBuf {
+    root.join("disk-sessions").join(name)
+}
+
+/// The control socket of the process serving the store's sessions (`strata serve`,
+/// or the agent, which embeds it: `crates/cli/src/serve.rs`).
+const SERVE_SOCKET: &str = "serve.sock";
 
 /// A sync round.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -326,6 +369,11 @@ impl Point {
                 return report;
             }
         };
+        // Desktops that had something to push: reported again once the round is
+        // recorded (what was pending is on the hub now, and when it last synced).
+        // Otherwise the report before the push stands (one small write on the hub
+        // per desktop and round).
+        let mut held: Vec<String> = Vec::new();
         for (name, s) in sessions {
             let mut r = SessionSync {
                 session: name.clone(),
@@ -336,10 +384,18 @@ impl Point {
             if s.disposable {
                 continue;
             }
+            let desktop = desktop_of(&name).map(str::to_string);
             if let Some(l) = &s.lazy {
                 // A version over a partial base would break the store's invariants:
                 // the writes wait, durable in the session's delta.
                 r.prefetching = Some(l.percent());
+                if let Some(d) = &desktop {
+                    // (A desktop lost meanwhile is recovered once its base is local:
+                    // only then can its writes become a version.)
+                    if let Err(e) = self.report_desktop(d).await {
+                        tracing::warn!(desktop = %d, error = %e, "could not report the desktop to the hub");
+                    }
+                }
                 report.sessions.push(r);
                 continue;
             }
@@ -357,26 +413,41 @@ impl Point {
                     continue;
                 }
             }
+            if let Some(d) = &desktop {
+                // Before the push: what is on its way (a long push over a slow link
+                // shows as pending bytes on the hub meanwhile).
+                match self.report_desktop(d).await {
+                    Ok(()) => {}
+                    Err(PointError::Sync(SyncError::Forbidden(why))) => {
+                        let os = self
+                            .lose_desktop(d, &name, &s, committer, &why, &mut r)
+                            .await;
+                        report.sessions.push(r);
+                        report.sessions.extend(os);
+                        continue;
+                    }
+                    // The push says whether the hub is reachable.
+                    Err(e) => tracing::debug!(desktop = %d, error = %e, "could not report"),
+                }
+            }
             match self.push_session(&name, &s).await {
                 Ok((tip, pushed)) => {
                     r.hub_tip = tip;
                     r.pushed = pushed;
+                    if r.pushed.is_some() || r.committed.is_some() {
+                        held.extend(desktop.clone());
+                    }
                 }
                 // A desktop handed to another point: keep this point's changes as a
                 // recovery version and stop syncing it (the caller stops serving it).
-                Err(PointError::Sync(SyncError::Forbidden(why)))
-                    if s.image.starts_with(DESKTOP_IMAGE_PREFIX) =>
-                {
-                    match self.recover(&name, &s).await {
-                        Ok(branch) => {
-                            tracing::warn!(session = %name, %why, %branch, "desktop lost; changes kept on the hub");
-                            r.recovered = Some(branch);
-                        }
-                        Err(e) => {
-                            r.transient = e.is_transient();
-                            r.error = Some(e.to_string());
-                        }
-                    }
+                Err(PointError::Sync(SyncError::Forbidden(why))) if desktop.is_some() => {
+                    let d = desktop.as_deref().unwrap_or_default();
+                    let os = self
+                        .lose_desktop(d, &name, &s, committer, &why, &mut r)
+                        .await;
+                    report.sessions.push(r);
+                    report.sessions.extend(os);
+                    continue;
                 }
                 Err(e) => {
                     r.transient = e.is_transient();
@@ -387,10 +458,6 @@ impl Point {
         }
         report.ok = report.sessions.iter().all(|s| s.error.is_none());
         self.prefetch_channels(&mut report).await;
-        let wire = self.client.wire();
-        report.wire_sent = wire.sent - wire0.sent;
-        report.wire_received = wire.received - wire0.received;
-        report.seconds = t0.elapsed().as_secs_f64();
         let (ok, time) = (report.ok, report.time);
         let err = report
             .sessions
@@ -405,6 +472,15 @@ impl Point {
         }) {
             tracing::warn!(error = %e, "could not record the sync round");
         }
+        for d in held {
+            if let Err(e) = self.report_desktop(&d).await {
+                tracing::debug!(desktop = %d, error = %e, "could not report");
+            }
+        }
+        let wire = self.client.wire();
+        report.wire_sent = wire.sent - wire0.sent;
+        report.wire_received = wire.received - wire0.received;
+        report.seconds = t0.elapsed().as_secs_f64();
         report
     }
 
@@ -451,6 +527,170 @@ impl Point {
         let branch = self.push_recovery(&s.image, &s.branch).await?;
         self.forget_session(name)?;
         Ok(branch)
+    }
+
+    /// Desktop `desktop` is checked out elsewhere (`why`, the hub's words): seal both
+    /// its disks where they are served, commit the user disk `name` once more (now
+    /// it holds exactly the writes its clients were told succeeded), keep it as a
+    /// recovery branch and forget both sessions. Fills `r` (the user disk's part of
+    /// the round) and returns the OS disk's part, which the caller stops serving too.
+    /// On failure nothing is forgotten; the next round tries again (the seal stays).
+    async fn lose_desktop(
+        &self,
+        desktop: &str,
+        name: &str,
+        s: &SessionState,
+        committer: &dyn SessionCommitter,
+        why: &str,
+        r: &mut SessionSync,
+    ) -> Option<SessionSync> {
+        let os = desktop_os_session(desktop);
+        for n in [name, os.as_str()] {
+            if let Err(e) = blocking(|| self.seal_served(n)) {
+                r.error = Some(format!("stopping the clients of {n}: {e}"));
+                return None;
+            }
+        }
+        match blocking(|| committer.commit_if_dirty(name)) {
+            Ok(Some(v)) => r.committed = Some(v),
+            Ok(None) => {}
+            Err(message) => {
+                r.error = Some(
+                    PointError::Commit {
+                        session: name.to_string(),
+                        message,
+                    }
+                    .to_string(),
+                );
+                return None;
+            }
+        }
+        let branch = match self.recover(name, s).await {
+            Ok(b) => b,
+            Err(e) => {
+                r.transient = e.is_transient();
+                r.error = Some(e.to_string());
+                return None;
+            }
+        };
+        tracing::warn!(desktop, %why, %branch, "desktop lost; changes kept on the hub");
+        r.recovered = Some(branch.clone());
+        let os_state = self.state().ok()?.sessions.get(&os).cloned()?;
+        if let Err(e) = self.forget_session(&os) {
+            tracing::warn!(session = %os, error = %e, "could not forget a lost desktop's OS disk");
+        }
+        Some(SessionSync {
+            session: os,
+            image: os_state.image,
+            branch: os_state.branch,
+            recovered: Some(branch),
+            ..SessionSync::default()
+        })
+    }
+
+    /// Make the process serving session `name` of this store (if any) refuse every
+    /// further read, write and flush of its clients, after the writes it already
+    /// acknowledged (see `Control::Seal` in `crates/cli/src/serve.rs`).
+    fn seal_served(&self, name: &str) -> Result<()> {
+        let path = self.root.join(SERVE_SOCKET);
+        let Ok(mut c) = std::os::unix::net::UnixStream::connect(&path) else {
+            // Nothing serves this store: no client can write.
+            return Ok(());
+        };
+        let req = serde_json::json!({"op": "seal", "session": name});
+        c.write_all(format!("{req}\n").as_bytes())
+            .map_err(io_err(&path))?;
+        let mut reply = String::new();
+        BufReader::new(c)
+            .read_line(&mut reply)
+            .map_err(io_err(&path))?;
+        let v: serde_json::Value = serde_json::from_str(&reply).map_err(|e| {
+            PointError::Invalid(format!("{}: bad reply {reply:?}: {e}", path.display()))
+        })?;
+        match v.get("error").and_then(|e| e.as_str()) {
+            Some(e) => Err(PointError::Invalid(e.to_string())),
+            None => Ok(()),
+        }
+    }
+
+    /// Record that session `name` (a desktop's OS disk) applied `generation` OS
+    /// reset requests.
+    pub fn set_os_reset(&self, name: &str, generation: i64) -> Result<()> {
+        self.update_state(|st| {
+            if let Some(s) = st.sessions.get_mut(name) {
+                s.os_reset = generation;
+            }
+        })
+    }
+
+    /// What this point runs of desktop `desktop` and what it has that the hub lacks
+    /// (see [`DesktopPointReport`]).
+    pub fn desktop_report(&self, desktop: &str) -> Result<DesktopPointReport> {
+        let st = self.state()?;
+        let os = st.sessions.get(&desktop_os_session(desktop));
+        let user = desktop_user_session(desktop);
+        let mut r = DesktopPointReport {
+            time: now(),
+            os_version: os.map(|s| s.origin_version.clone()),
+            os_reset: os.map_or(0, |s| s.os_reset),
+            last_sync: st.last_sync,
+            ..DesktopPointReport::default()
+        };
+        let Some(s) = st.sessions.get(&user) else {
+            return Ok(r);
+        };
+        r.streaming = s.lazy.is_some();
+        r.last_push = s.last_push_time;
+        let pushed = s
+            .hub_tip
+            .clone()
+            .unwrap_or_else(|| s.origin_version.clone());
+        let head = match self.store.get_ref(&s.image, RefKind::Branch, &s.branch) {
+            Ok(v) => v,
+            // Still streaming: the image is made when its base is local.
+            Err(StoreError::NoSuchImage(_)) => None,
+            Err(e) => return Err(e.into()),
+        };
+        match head {
+            Some(h) => {
+                r.user_version = Some(h.to_hex());
+                r.last_commit = self.store.load_version(&h).ok().map(|v| v.time);
+                if h.to_hex() != pushed {
+                    r.unpushed_bytes = VersionId::from_hex(&pushed)
+                        .and_then(|p| self.changed_bytes(&p, &h).ok())
+                        .unwrap_or(0);
+                }
+            }
+            None => r.user_version = Some(s.origin_version.clone()),
+        }
+        r.user_pushed = Some(pushed);
+        if let Ok(i) = strata_block::SessionDisk::inspect(&session_dir(&self.root, &user)) {
+            r.uncommitted_bytes = i.delta_blocks * i.block_size as u64;
+        }
+        r.pending_bytes = r.unpushed_bytes + r.uncommitted_bytes;
+        Ok(r)
+    }
+
+    /// Send [`Point::desktop_report`] to the hub. `Forbidden`: the desktop is checked
+    /// out elsewhere now.
+    pub async fn report_desktop(&self, desktop: &str) -> Result<()> {
+        let r = blocking(|| self.desktop_report(desktop))?;
+        Ok(self.client.report_desktop(desktop, &r).await?)
+    }
+
+    /// Bytes whose content differs between versions `a` and `b` (whole blocks).
+    fn changed_bytes(&self, a: &VersionId, b: &VersionId) -> Result<u64> {
+        let (va, vb) = (self.store.load_version(a)?, self.store.load_version(b)?);
+        let bs = vb.block_size as u64;
+        let end = va.virtual_size.max(vb.virtual_size);
+        let mut n = 0u64;
+        let mut load = |id: &strata_store::ChunkId| self.store.load_node(id);
+        strata_store::tree::diff(&mut load, va.tree(), vb.tree(), &mut |start, count| {
+            let offset = start * bs;
+            n += (count * bs).min(end.saturating_sub(offset));
+            Ok::<(), StoreError>(())
+        })?;
+        Ok(n)
     }
 
     /// Push the local tip of `image:branch` to a new branch `recovery/POINT-TIME` of

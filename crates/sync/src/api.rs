@@ -328,3 +328,78 @@ pub struct RestoreResponse {
     /// The new version on `main` (hex).
     pub version: String,
 }
+
+/// The holder a desktop has while the hub itself serves it writable
+/// (`strata hub desktop serve NAME --writable`). No point may act under this name.
+pub const HUB_HOLDER: &str = "hub";
+
+/// What the point holding a desktop reports of it (`POST /v1/desktops/{name}/report`,
+/// sent in each sync round): what it runs, what it has that the hub lacks.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DesktopPointReport {
+    /// When the point made the report (its clock, seconds since the epoch).
+    pub time: i64,
+    /// The channel version its OS disk runs (hex), and the OS reset generation it
+    /// applied (see [`DesktopDetail::os_reset`]).
+    #[serde(default)]
+    pub os_version: Option<String>,
+    #[serde(default)]
+    pub os_reset: i64,
+    /// Its user disk: the newest local version (hex) and when it was made, and the
+    /// version last pushed (the hub's tip as the point last knew it).
+    #[serde(default)]
+    pub user_version: Option<String>,
+    #[serde(default)]
+    pub last_commit: Option<i64>,
+    #[serde(default)]
+    pub user_pushed: Option<String>,
+    /// When it last pushed the user disk, and when a sync round last reached the
+    /// hub for every session.
+    #[serde(default)]
+    pub last_push: Option<i64>,
+    #[serde(default)]
+    pub last_sync: Option<i64>,
+    /// Bytes of the user disk the hub lacks: changed in local versions not pushed
+    /// yet, plus written to the session since its last commit (whole blocks, as of
+    /// its last flush); `pending_bytes` is their sum.
+    #[serde(default)]
+    pub unpushed_bytes: u64,
+    #[serde(default)]
+    pub uncommitted_bytes: u64,
+    #[serde(default)]
+    pub pending_bytes: u64,
+    /// The user disk's base is still being streamed from the hub (nothing is
+    /// committed until it is local).
+    #[serde(default)]
+    pub streaming: bool,
+}
+
+/// The newest report of a desktop's holder, as the hub keeps it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DesktopPointStatus {
+    pub point: String,
+    /// When the hub received it (the hub's clock).
+    pub received: i64,
+    #[serde(flatten)]
+    pub report: DesktopPointReport,
+}
+
+/// [`DesktopInfo`] with the OS reset requests and what the holder last reported.
+/// Every desktop endpoint answers with this; clients that know only `DesktopInfo`
+/// read it as one.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DesktopDetail {
+    #[serde(flatten)]
+    pub info: DesktopInfo,
+    /// OS resets requested by operators so far (`strata desktop reset-os`): the
+    /// holder drops the OS disk's delta at its next start when it applied fewer.
+    #[serde(default)]
+    pub os_reset: i64,
+    #[serde(default)]
+    pub os_reset_time: Option<i64>,
+    #[serde(default)]
+    pub os_reset_by: Option<String>,
+    /// The holder's newest report (none from a former holder).
+    #[serde(default)]
+    pub point: Option<DesktopPointStatus>,
+}

@@ -723,6 +723,51 @@ impl HubClient {
         rb = rb.query(&[("limit", limit)]);
         self.json(rb, 0).await
     }
+
+    // ---- desktops in detail (OS resets, the holder's reports) --------------------
+
+    /// Desktop `name` with its OS reset requests and its holder's last report.
+    pub async fn desktop_detail(&self, name: &str) -> Result<DesktopDetail> {
+        self.json(self.request(Method::GET, &["desktops", name]), 0)
+            .await
+    }
+
+    /// Every desktop (operators), or those this point holds, in detail.
+    pub async fn desktops_detail(&self) -> Result<Vec<DesktopDetail>> {
+        self.json(self.request(Method::GET, &["desktops"]), 0).await
+    }
+
+    /// (Points) [`HubClient::check_out`], answered in detail (the OS reset
+    /// generation to apply).
+    pub async fn check_out_detail(&self, name: &str) -> Result<DesktopDetail> {
+        self.json(
+            self.request(Method::POST, &["desktops", name, "checkout"]),
+            0,
+        )
+        .await
+    }
+
+    /// (Operators) ask for desktop `name`'s OS disk to return to its channel's
+    /// version at the holder's next start.
+    pub async fn reset_desktop_os(&self, name: &str) -> Result<DesktopDetail> {
+        self.json(
+            self.request(Method::POST, &["admin", "desktops", name, "reset-os"]),
+            0,
+        )
+        .await
+    }
+
+    /// (The holding point) report what it runs of desktop `name` and what it has
+    /// that the hub lacks. 403 means the desktop is checked out elsewhere now.
+    pub async fn report_desktop(&self, name: &str, report: &DesktopPointReport) -> Result<()> {
+        let b = serde_json::to_vec(report).expect("API types serialize");
+        let n = b.len();
+        let rb = self
+            .request(Method::POST, &["desktops", name, "report"])
+            .header("content-type", "application/json")
+            .body(b);
+        self.send(rb, n).await.map(drop)
+    }
 }
 
 /// Check one downloaded frame and keep what is good.
