@@ -121,10 +121,16 @@ pub enum Command {
     /// This store as a point of a hub: enrol, pull, attach sessions, run the agent.
     #[command(subcommand)]
     Point(PointCommand),
-    /// Make a store with a sample image, two versions, and show log, diff and stats.
+    /// Tour the store with a sample image (two versions, log, diff, stats), then
+    /// start a hub and a point serving a desktop over NBD, left running (see
+    /// --stop); prints the NBD URIs and the qemu command.
     Quickstart {
-        /// Directory for the demo store (default: a new temporary directory).
+        /// Directory for everything (default: $XDG_DATA_HOME/strata/quickstart): new,
+        /// empty, or a stopped quickstart's (made afresh).
         dir: Option<PathBuf>,
+        /// Stop the hub and the point agent the quickstart in DIR started.
+        #[arg(long)]
+        stop: bool,
     },
 }
 

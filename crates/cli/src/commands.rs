@@ -133,7 +133,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Stats => stats(&ctx),
         Command::Gc => gc(&ctx),
         Command::Verify => verify(&ctx),
-        Command::Quickstart { dir } => crate::quickstart::run(&ctx, dir),
+        Command::Quickstart { dir, stop } => crate::quickstart::run(&ctx, dir, stop),
         Command::Serve {
             listen,
             socket,

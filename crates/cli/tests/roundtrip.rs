@@ -676,10 +676,26 @@ fn ten_clones_with_small_changes_cost_little() {
 
 // ---- quickstart and --json ----------------------------------------------------------
 
+/// Stops what `strata quickstart DIR` left running when dropped (the live half is
+/// tested in `quickstart.rs`).
+struct QuickstartStopper<'a>(&'a Path, std::path::PathBuf);
+
+impl Drop for QuickstartStopper<'_> {
+    fn drop(&mut self) {
+        let out = strata_without_store(self.0, &["quickstart", "--stop", p(&self.1)]);
+        assert!(
+            out.status.success() || std::thread::panicking(),
+            "quickstart --stop: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 #[test]
 fn quickstart_runs_and_prints_log_diff_and_stats() {
     let sandbox = tempfile::tempdir().unwrap();
     let dir = sandbox.path().join("qs");
+    let _stop = QuickstartStopper(sandbox.path(), dir.clone());
     let out = strata_without_store(sandbox.path(), &["quickstart", p(&dir)]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -689,20 +705,24 @@ fn quickstart_runs_and_prints_log_diff_and_stats() {
         String::from_utf8_lossy(&out.stderr)
     );
     for needle in [
-        "strata log demo",
+        "strata log sample",
         "version ",
         "gold v2: patched",
-        "strata diff demo@v1 demo@main",
+        "strata diff sample@v1 sample@main",
         "changed in",
         "dedup ratio",
         "compression ratio",
+        // Then the real thing.
+        "strata channel publish sample@v1 sample/production",
+        "strata point desktop start demo",
+        "nbd+unix:///desktops/demo/user?socket=",
     ] {
         assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
     }
     let store = dir.join("store");
     let out = strata_without_store(
         sandbox.path(),
-        &["--store", p(&store), "--json", "log", "demo"],
+        &["--store", p(&store), "--json", "log", "sample"],
     );
     assert!(out.status.success());
     let log: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -716,6 +736,7 @@ fn quickstart_runs_and_prints_log_diff_and_stats() {
 
     // --json: one document with what every step produced.
     let dir2 = sandbox.path().join("qs-json");
+    let _stop2 = QuickstartStopper(sandbox.path(), dir2.clone());
     let out = strata_without_store(sandbox.path(), &["--json", "quickstart", p(&dir2)]);
     assert!(
         out.status.success(),
@@ -734,6 +755,8 @@ fn quickstart_runs_and_prints_log_diff_and_stats() {
     assert_eq!(doc["log"].as_array().unwrap().len(), 2);
     assert_eq!(u(&doc["diff"]["changed_bytes"]), 3 << 20);
     assert!(doc["stats"]["dedup_ratio"].as_f64().unwrap() > 1.0);
+    assert!(s(&doc["nbd"]["os"]).starts_with("nbd+unix:///desktops/demo/os?socket="));
+    assert_eq!(doc["qemu"][0], "qemu-system-x86_64");
 }
 
 #[test]
