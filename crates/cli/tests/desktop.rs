@@ -9,54 +9,16 @@
 //! tail becomes a recovery version on the hub.
 
 mod common;
-use common::hub::{fails, json, make_raw, ok, qemu_io_ok, Agent, Env, Hub, HubOpts, MIB};
+use common::hub::{
+    desktop_start, fails, json, make_raw, ok, qemu_io_assert, qemu_io_ok, wait_all_local, Agent,
+    Env, Hub, HubOpts, MIB,
+};
 use common::{identical, p};
 
-use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 use strata_netfault::Proxy;
-
-fn operator(env: &Env, args: &[&str]) -> Value {
-    let d = env.hub_dir();
-    let mut full = args.to_vec();
-    full.extend_from_slice(&["--dir", p(&d)]);
-    json(None, &full)
-}
-
-fn start(pt: &Path, sock: &Path) -> Value {
-    json(
-        Some(pt),
-        &["point", "desktop", "start", "d1", "--socket", p(sock)],
-    )
-}
-
-/// Wait until `point status` shows no session still streaming.
-fn wait_all_local(pt: &Path) -> Value {
-    let t0 = Instant::now();
-    loop {
-        let st = json(Some(pt), &["point", "status"]);
-        let streaming = st["sessions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|s| !s["prefetch"].is_null());
-        if !streaming {
-            return st;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "prefetch never ended: {st}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn pattern_ok(uri: &str, cmds: &[&str]) {
-    let (ok, out) = qemu_io_ok(uri, cmds);
-    assert!(ok, "qemu-io {cmds:?} on {uri}: {out}");
-}
 
 #[test]
 fn desktop_story_offline_update_transfer_and_recovery() {
@@ -66,19 +28,16 @@ fn desktop_story_offline_update_transfer_and_recovery() {
     let gold = env.path("gold.raw");
     make_raw(&gold, 32 * MIB, &[(0, 12 * MIB), (20 * MIB, 4 * MIB)], 1);
     env.publish(&gold, "gold");
-    operator(&env, &["channel", "publish", "gold@main", "win/production"]);
-    let d = operator(
-        &env,
-        &[
-            "desktop",
-            "create",
-            "d1",
-            "--channel",
-            "win/production",
-            "--size",
-            "16M",
-        ],
-    );
+    env.operator_json(&["channel", "publish", "gold@main", "win/production"]);
+    let d = env.operator_json(&[
+        "desktop",
+        "create",
+        "d1",
+        "--channel",
+        "win/production",
+        "--size",
+        "16M",
+    ]);
     assert_eq!(d["user_image"], "desktops/d1/user");
 
     // Point A, through a proxy that counts its bytes: agent with a long sync
@@ -87,7 +46,7 @@ fn desktop_story_offline_update_transfer_and_recovery() {
     let a = env.point("a", &format!("http://{}", proxy.addr()));
     let sock_a = env.path("a.sock");
     let agent_a = Agent::spawn(None, &a, &sock_a, "1h", &[]);
-    let s = start(&a, &sock_a);
+    let s = desktop_start(&a, "d1", &sock_a);
     assert_eq!(s["os"]["session"], "desktops/d1/os");
     let qemu = s["qemu"].as_array().unwrap();
     assert_eq!(qemu[0], "qemu-system-x86_64");
@@ -98,8 +57,8 @@ fn desktop_story_offline_update_transfer_and_recovery() {
     let user = agent_a.uri("desktops/d1/user");
     // The OS disk is the channel's version, before it is even local.
     assert!(identical(&gold.display().to_string(), "raw", &os, "raw"));
-    pattern_ok(&user, &["write -P 0x11 0 1M", "write -P 0x12 8M 64k"]);
-    pattern_ok(&os, &["write -P 0x66 1M 64k"]);
+    qemu_io_assert(&user, &["write -P 0x11 0 1M", "write -P 0x12 8M 64k"]);
+    qemu_io_assert(&os, &["write -P 0x66 1M 64k"]);
     // A session is committed and pushed once its base is local.
     wait_all_local(&a);
     let r = json(Some(&a), &["point", "sync"]);
@@ -115,7 +74,7 @@ fn desktop_story_offline_update_transfer_and_recovery() {
 
     // The hub dies; A keeps working; the hub returns and A syncs what it wrote.
     hub.kill9();
-    pattern_ok(&user, &["write -P 0x13 2M 1M", "read -P 0x11 0 1M"]);
+    qemu_io_assert(&user, &["write -P 0x13 2M 1M", "read -P 0x11 0 1M"]);
     let out = common::hub::strata(Some(&a), &["point", "sync"]);
     assert!(!out.status.success(), "sync with the hub away must fail");
     let hub = Hub::start(&env.hub_dir(), port);
@@ -136,7 +95,7 @@ fn desktop_story_offline_update_transfer_and_recovery() {
         f.write_all_at(&patch, 4 * MIB).unwrap();
     }
     env.publish(&gold2, "gold");
-    operator(&env, &["channel", "publish", "gold@main", "win/production"]);
+    env.operator_json(&["channel", "publish", "gold@main", "win/production"]);
 
     // A's next sync round fetches v2 ahead of the next start (only what it lacks);
     // the start then switches without streaming.
@@ -144,7 +103,7 @@ fn desktop_story_offline_update_transfer_and_recovery() {
     let r = json(Some(&a), &["point", "sync"]);
     assert_eq!(r["prefetched"].as_array().map(Vec::len), Some(1), "{r:#}");
     let before_start = proxy.bytes_to_client();
-    let s2 = start(&a, &sock_a);
+    let s2 = desktop_start(&a, "d1", &sock_a);
     let at_start = proxy.bytes_to_client() - before_start;
     assert!(s2["os"]["streaming_blocks"].is_null(), "{s2:#}");
     assert!(
@@ -154,7 +113,7 @@ fn desktop_story_offline_update_transfer_and_recovery() {
     assert_eq!(s2["os"]["switched_from"], s["os"]["version"]);
     let st = wait_all_local(&a);
     assert!(identical(&gold2.display().to_string(), "raw", &os, "raw"));
-    pattern_ok(
+    qemu_io_assert(
         &user,
         &[
             "read -P 0x11 0 1M",
@@ -181,11 +140,11 @@ fn desktop_story_offline_update_transfer_and_recovery() {
     );
     assert!(err.contains("checked out to point a"), "{err}");
     // A writes more and does not sync before the laptop is lost.
-    pattern_ok(&user, &["write -P 0x14 4M 64k"]);
-    operator(&env, &["desktop", "transfer", "d1", "b", "--force"]);
-    start(&b, &sock_b);
+    qemu_io_assert(&user, &["write -P 0x14 4M 64k"]);
+    env.operator_json(&["desktop", "transfer", "d1", "b", "--force"]);
+    desktop_start(&b, "d1", &sock_b);
     let user_b = agent_b.uri("desktops/d1/user");
-    pattern_ok(
+    qemu_io_assert(
         &user_b,
         &[
             "read -P 0x11 0 1M",
@@ -207,8 +166,8 @@ fn desktop_story_offline_update_transfer_and_recovery() {
     let spec = format!("desktops/d1/user:{rec}");
     let tail = env.hub_export(&spec.replace(':', "@"), "tail.raw");
     let tail_uri = format!("{}", tail.display());
-    pattern_ok(&tail_uri, &["read -P 0x14 4M 64k", "read -P 0x13 2M 1M"]);
-    let show = operator(&env, &["desktop", "show", "d1"]);
+    qemu_io_assert(&tail_uri, &["read -P 0x14 4M 64k", "read -P 0x13 2M 1M"]);
+    let show = env.operator_json(&["desktop", "show", "d1"]);
     assert_eq!(show["holder"], "b");
     let audit = env.admin_json(&["audit"]);
     let actions: Vec<&str> = audit
@@ -283,15 +242,15 @@ fn operator_commands_channels_and_restore() {
     let gold = env.path("gold.raw");
     make_raw(&gold, 8 * MIB, &[(0, 4 * MIB)], 5);
     env.publish(&gold, "gold");
-    operator(&env, &["channel", "publish", "gold@main", "win/dev"]);
-    let prod = operator(&env, &["channel", "promote", "win/dev", "win/production"]);
+    env.operator_json(&["channel", "publish", "gold@main", "win/dev"]);
+    let prod = env.operator_json(&["channel", "promote", "win/dev", "win/production"]);
     assert_eq!(prod["seq"], 1);
     make_raw(&gold, 8 * MIB, &[(0, 4 * MIB)], 6);
     env.publish(&gold, "gold");
-    operator(&env, &["channel", "publish", "gold@main", "win/production"]);
-    let back = operator(&env, &["channel", "rollback", "win/production"]);
+    env.operator_json(&["channel", "publish", "gold@main", "win/production"]);
+    let back = env.operator_json(&["channel", "rollback", "win/production"]);
     assert_eq!(back["version"], prod["version"]);
-    let log = operator(&env, &["channel", "log", "win/production"]);
+    let log = env.operator_json(&["channel", "log", "win/production"]);
     let actions: Vec<&str> = log
         .as_array()
         .unwrap()
@@ -313,66 +272,60 @@ fn operator_commands_channels_and_restore() {
     );
     assert!(err.contains("#3"), "{err}");
 
-    operator(
-        &env,
-        &[
-            "desktop",
-            "create",
-            "d1",
-            "--channel",
-            "win/production",
-            "--size",
-            "4M",
-        ],
-    );
+    env.operator_json(&[
+        "desktop",
+        "create",
+        "d1",
+        "--channel",
+        "win/production",
+        "--size",
+        "4M",
+    ]);
     let a = env.point("a", &hub.url());
     let sock = env.path("a.sock");
     let agent = Agent::spawn(None, &a, &sock, "1h", &[]);
-    start(&a, &sock);
+    desktop_start(&a, "d1", &sock);
     wait_all_local(&a);
     let user = agent.uri("desktops/d1/user");
-    pattern_ok(&user, &["write -P 0x21 0 64k"]);
+    qemu_io_assert(&user, &["write -P 0x21 0 64k"]);
     assert_eq!(json(Some(&a), &["point", "sync"])["ok"], true);
     // Restore points are named by their versions' times (seconds): next second.
     std::thread::sleep(Duration::from_millis(1100));
-    pattern_ok(&user, &["write -P 0x22 0 64k"]);
+    qemu_io_assert(&user, &["write -P 0x22 0 64k"]);
     assert_eq!(json(Some(&a), &["point", "sync"])["ok"], true);
-    let rps = operator(&env, &["desktop", "restore-points", "d1"]);
+    let rps = env.operator_json(&["desktop", "restore-points", "d1"]);
     assert_eq!(
         rps.as_array().unwrap().len(),
         3,
         "empty, 0x21, 0x22: {rps:#}"
     );
     let first_write = rps[1]["version"].as_str().unwrap().to_string();
-    let r = operator(&env, &["desktop", "restore", "d1", "--to", &first_write]);
+    let r = env.operator_json(&["desktop", "restore", "d1", "--to", &first_write]);
     assert_eq!(r["restored_from"], first_write.as_str());
     // The point wrote more meanwhile; its next start keeps that as a recovery
     // branch and continues from the restored state.
-    pattern_ok(&user, &["write -P 0x23 64k 64k"]);
-    let s = start(&a, &sock);
+    qemu_io_assert(&user, &["write -P 0x23 64k 64k"]);
+    let s = desktop_start(&a, "d1", &sock);
     let rec = s["user"]["recovery"]
         .as_str()
         .unwrap_or_else(|| panic!("{s:#}"))
         .to_string();
     wait_all_local(&a);
-    pattern_ok(&user, &["read -P 0x21 0 64k", "read -P 0 64k 64k"]);
+    qemu_io_assert(&user, &["read -P 0x21 0 64k", "read -P 0 64k 64k"]);
     let tail = env.hub_export(&format!("desktops/d1/user@{rec}"), "rec.raw");
-    pattern_ok(p(&tail), &["read -P 0x23 64k 64k"]);
+    qemu_io_assert(p(&tail), &["read -P 0x23 64k 64k"]);
     // Undo the restore from the operator's side too: back to 0x22.
-    let undo = operator(
-        &env,
-        &[
-            "desktop",
-            "restore",
-            "d1",
-            "--to",
-            r["previous"].as_str().unwrap(),
-        ],
-    );
+    let undo = env.operator_json(&[
+        "desktop",
+        "restore",
+        "d1",
+        "--to",
+        r["previous"].as_str().unwrap(),
+    ]);
     let state = env.hub_export(
         &format!("desktops/d1/user@{}", undo["version"].as_str().unwrap()),
         "undo.raw",
     );
-    pattern_ok(p(&state), &["read -P 0x22 0 64k"]);
+    qemu_io_assert(p(&state), &["read -P 0x22 0 64k"]);
     drop(agent);
 }

@@ -16,63 +16,19 @@
 //!   and the recovery branch holds exactly the writes it was told had succeeded.
 
 mod common;
-use common::hub::{fails, json, make_raw, ok, qemu_io_ok, strata, Agent, Env, Hub, HubOpts, MIB};
+use common::hub::{
+    desktop_start, fails, json, make_raw, ok, qemu_io_assert, qemu_io_ok, strata, wait_all_local,
+    Agent, Env, Hub, HubOpts, MIB,
+};
 use common::{identical, p, spawn_announcing};
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use strata_netfault::Proxy;
-
-/// An operator command against the test's hub, with `--json`.
-fn operator(env: &Env, args: &[&str]) -> Value {
-    let d = env.hub_dir();
-    let mut full = args.to_vec();
-    full.extend_from_slice(&["--dir", p(&d)]);
-    json(None, &full)
-}
-
-/// The same without `--json`: its text.
-fn operator_text(env: &Env, args: &[&str]) -> String {
-    let d = env.hub_dir();
-    let mut full = args.to_vec();
-    full.extend_from_slice(&["--dir", p(&d)]);
-    ok(None, &full)
-}
-
-fn start(pt: &Path, sock: &Path) -> Value {
-    json(
-        Some(pt),
-        &["point", "desktop", "start", "d1", "--socket", p(sock)],
-    )
-}
-
-fn io_ok(uri: &str, cmds: &[&str]) {
-    let (ok, out) = qemu_io_ok(uri, cmds);
-    assert!(ok, "qemu-io {cmds:?} on {uri}: {out}");
-}
-
-/// Wait until `point status` shows no session still streaming (the prefetch is
-/// asynchronous; the deadline only turns a hang into a failure).
-fn wait_all_local(pt: &Path) {
-    let t0 = Instant::now();
-    loop {
-        let st = json(Some(pt), &["point", "status"]);
-        if st["sessions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|s| s["prefetch"].is_null())
-        {
-            return;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(120), "{st}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 /// A hub with gold (8 MiB, 5 MiB of data) published to `win/production`, desktop
 /// d1 on it with a 4 MiB user disk, and point `a` (talking to `url_of(hub)`) running
@@ -101,23 +57,20 @@ impl Desk {
         let gold = env.path("gold.raw");
         make_raw(&gold, 8 * MIB, &[(0, 4 * MIB), (6 * MIB, MIB)], 7);
         env.publish(&gold, "gold");
-        operator(&env, &["channel", "publish", "gold@main", "win/production"]);
-        operator(
-            &env,
-            &[
-                "desktop",
-                "create",
-                "d1",
-                "--channel",
-                "win/production",
-                "--size",
-                "4M",
-            ],
-        );
+        env.operator_json(&["channel", "publish", "gold@main", "win/production"]);
+        env.operator_json(&[
+            "desktop",
+            "create",
+            "d1",
+            "--channel",
+            "win/production",
+            "--size",
+            "4M",
+        ]);
         let a = env.point("a", &url_of(&hub));
         let sock_a = env.path("a.sock");
         let agent_a = Agent::spawn(None, &a, &sock_a, "1h", &[]);
-        start(&a, &sock_a);
+        desktop_start(&a, "d1", &sock_a);
         wait_all_local(&a);
         Desk {
             env,
@@ -142,7 +95,7 @@ impl Desk {
     }
 
     fn show(&self) -> Value {
-        operator(&self.env, &["desktop", "show", "d1"])
+        self.env.operator_json(&["desktop", "show", "d1"])
     }
 }
 
@@ -217,18 +170,18 @@ fn reset_os_returns_the_os_disk_to_the_channel_version_at_the_next_start() {
     let d = Desk::new(|h| h.url());
     // Today's behaviour, kept: the OS disk's changes live from one start to the
     // next while the channel stays.
-    io_ok(&d.os(), &["write -P 0x66 1M 64k"]);
+    qemu_io_assert(&d.os(), &["write -P 0x66 1M 64k"]);
     ok(Some(&d.a), &["point", "desktop", "stop", "d1"]);
-    let s = start(&d.a, &d.sock_a);
+    let s = desktop_start(&d.a, "d1", &d.sock_a);
     assert!(
         s["os"]["switched_from"].is_null() && s["os"]["reset"].is_null(),
         "{s:#}"
     );
-    io_ok(&d.os(), &["read -P 0x66 1M 64k"]);
+    qemu_io_assert(&d.os(), &["read -P 0x66 1M 64k"]);
     assert!(!identical(&d.gold(), "raw", &d.os(), "raw"));
 
     // The operator asks for a reset; the command says when it happens.
-    let text = operator_text(&d.env, &["desktop", "reset-os", "d1"]);
+    let text = d.env.operator(&["desktop", "reset-os", "d1"]);
     assert!(
         text.contains("reset #1") && text.contains("point a") && text.contains("next start"),
         "{text}"
@@ -242,16 +195,16 @@ fn reset_os_returns_the_os_disk_to_the_channel_version_at_the_next_start() {
     );
     assert!(err.contains("stop the VM first"), "{err}");
     vm.run("r 1048576 65536").unwrap();
-    io_ok(&d.os(), &["read -P 0x66 1M 64k"]);
+    qemu_io_assert(&d.os(), &["read -P 0x66 1M 64k"]);
     let show = d.show();
     assert_eq!(show["os_reset"], 1);
     assert_eq!(show["point"]["os_reset"], 0, "not applied yet: {show:#}");
-    let text = operator_text(&d.env, &["desktop", "show", "d1"]);
+    let text = d.env.operator(&["desktop", "show", "d1"]);
     assert!(text.contains("an OS reset is pending"), "{text}");
     drop(vm);
 
     // The next start applies it: the OS disk is the channel's version again.
-    let s = start(&d.a, &d.sock_a);
+    let s = desktop_start(&d.a, "d1", &d.sock_a);
     assert_eq!(s["os"]["reset"], 1, "{s:#}");
     assert!(
         s["os"]["switched_from"].is_null(),
@@ -261,10 +214,10 @@ fn reset_os_returns_the_os_disk_to_the_channel_version_at_the_next_start() {
     assert!(identical(&d.gold(), "raw", &d.os(), "raw"));
     assert_eq!(d.show()["point"]["os_reset"], 1);
     // Applied once: the start after keeps the OS disk's new changes.
-    io_ok(&d.os(), &["write -P 0x67 2M 64k"]);
-    let s = start(&d.a, &d.sock_a);
+    qemu_io_assert(&d.os(), &["write -P 0x67 2M 64k"]);
+    let s = desktop_start(&d.a, "d1", &d.sock_a);
     assert!(s["os"]["reset"].is_null(), "{s:#}");
-    io_ok(&d.os(), &["read -P 0x67 2M 64k"]);
+    qemu_io_assert(&d.os(), &["read -P 0x67 2M 64k"]);
     let audit = d.env.admin_json(&["audit"]);
     assert!(
         audit
@@ -300,7 +253,7 @@ fn show_puts_the_points_report_beside_the_hubs_view() {
     let data = d.env.path("data.raw");
     make_raw(&data, 2 * MIB, &[(0, 2 * MIB)], 9);
     common::run_tool("nbdcopy", &["--flush", p(&data), &d.user()]);
-    start(&d.a, &d.sock_a);
+    desktop_start(&d.a, "d1", &d.sock_a);
     let r = d.show()["point"].clone();
     assert_eq!(r["uncommitted_bytes"], 2 * MIB, "{r:#}");
     assert_eq!(r["pending_bytes"], 2 * MIB);
@@ -333,7 +286,7 @@ fn show_puts_the_points_report_beside_the_hubs_view() {
     assert_eq!(ahead["user_version"], hub_user.as_str(), "not pushed yet");
     assert_ne!(r["user_version"], hub_user.as_str());
     assert_eq!(r["user_pushed"], hub_user.as_str());
-    let text = operator_text(&d.env, &["desktop", "show", "d1"]);
+    let text = d.env.operator(&["desktop", "show", "d1"]);
     assert!(
         text.contains("ahead of the hub") && text.contains("pending    2.0 MiB"),
         "{text}"
@@ -359,7 +312,7 @@ fn show_puts_the_points_report_beside_the_hubs_view() {
     assert_eq!(r["pending_bytes"], 0, "{show:#}");
     assert!(r["last_sync"].as_i64().unwrap() >= round["time"].as_i64().unwrap() - 1);
     assert!(r["last_push"].is_i64());
-    let ls = operator_text(&d.env, &["desktop", "ls"]);
+    let ls = d.env.operator(&["desktop", "ls"]);
     assert!(
         ls.contains("[a: user") && ls.contains("pending 0 B"),
         "{ls}"
@@ -369,10 +322,10 @@ fn show_puts_the_points_report_beside_the_hubs_view() {
 #[test]
 fn the_hub_serves_a_lost_desktop_writable_and_hands_it_on() {
     let d = Desk::new(|h| h.url());
-    io_ok(&d.user(), &["write -P 0x41 0 64k"]);
+    qemu_io_assert(&d.user(), &["write -P 0x41 0 64k"]);
     assert_eq!(json(Some(&d.a), &["point", "sync"])["ok"], true);
     // The laptop writes more, then is lost before it syncs.
-    io_ok(&d.user(), &["write -P 0x42 64k 64k"]);
+    qemu_io_assert(&d.user(), &["write -P 0x42 64k 64k"]);
 
     let serve = |extra: &[&str]| {
         let mut c = Command::new(common::bin());
@@ -396,10 +349,10 @@ fn the_hub_serves_a_lost_desktop_writable_and_hands_it_on() {
     let uri = |e: &str| format!("nbd+unix:///{e}?socket={}", p(&sock));
     let (os, user) = (uri("desktops/d1/os"), uri("desktops/d1/user"));
     // The hub's user disk: what a synced; the laptop's tail is not there.
-    io_ok(&user, &["read -P 0x41 0 64k", "read -P 0 64k 64k"]);
-    io_ok(&user, &["write -P 0x51 1M 64k", "flush"]);
+    qemu_io_assert(&user, &["read -P 0x41 0 64k", "read -P 0 64k 64k"]);
+    qemu_io_assert(&user, &["write -P 0x51 1M 64k", "flush"]);
     assert!(identical(&d.gold(), "raw", &os, "raw"));
-    io_ok(&os, &["write -P 0x77 0 64k"]);
+    qemu_io_assert(&os, &["write -P 0x77 0 64k"]);
     assert_eq!(d.show()["holder"], "hub");
     // The point that lost it can no longer check it out.
     let err = fails(
@@ -419,7 +372,7 @@ fn the_hub_serves_a_lost_desktop_writable_and_hands_it_on() {
     let show = d.show();
     assert_eq!(show["holder"], Value::Null);
     assert_eq!(show["user_version"], v.as_str());
-    let rps = operator(&d.env, &["desktop", "restore-points", "d1"]);
+    let rps = d.env.operator_json(&["desktop", "restore-points", "d1"]);
     assert_eq!(rps[0]["version"], v.as_str(), "{rps:#}");
     // Nothing of the serve is left in the hub's store but the new version.
     let sessions = json(Some(&d.env.hub_store()), &["session", "ls"]);
@@ -435,13 +388,13 @@ fn the_hub_serves_a_lost_desktop_writable_and_hands_it_on() {
 
     // Hand it to a new point: no --force needed; it runs what the hub served.
     let b = d.env.point("b", &d.hub.url());
-    let t = operator(&d.env, &["desktop", "transfer", "d1", "b"]);
+    let t = d.env.operator_json(&["desktop", "transfer", "d1", "b"]);
     assert_eq!(t["holder"], "b");
     let sock_b = d.env.path("b.sock");
     let agent_b = Agent::spawn(None, &b, &sock_b, "1h", &[]);
-    let s = start(&b, &sock_b);
+    let s = desktop_start(&b, "d1", &sock_b);
     assert_eq!(s["user"]["version"], v.as_str());
-    io_ok(
+    qemu_io_assert(
         &agent_b.uri("desktops/d1/user"),
         &["read -P 0x41 0 64k", "read -P 0x51 1M 64k"],
     );
@@ -463,7 +416,7 @@ fn the_hub_serves_a_lost_desktop_writable_and_hands_it_on() {
     let tail = d
         .env
         .hub_export(&format!("desktops/d1/user@{rec}"), "tail.raw");
-    io_ok(p(&tail), &["read -P 0x41 0 64k", "read -P 0x42 64k 64k"]);
+    qemu_io_assert(p(&tail), &["read -P 0x41 0 64k", "read -P 0x42 64k 64k"]);
     let audit = d.env.admin_json(&["audit"]).to_string();
     for a in [
         "to hub, taken from a",
@@ -487,7 +440,8 @@ fn a_vm_on_a_lost_desktop_gets_errors_and_its_acknowledged_writes_are_recovered(
     // Acknowledged, never synced: the laptop is handed over meanwhile.
     vm.run("w 1048576 65536 0x32").unwrap();
     d.env.point("b", &d.hub.url());
-    operator(&d.env, &["desktop", "transfer", "d1", "b", "--force"]);
+    d.env
+        .operator_json(&["desktop", "transfer", "d1", "b", "--force"]);
     let r = json(Some(&d.a), &["point", "sync"]);
     let recovered: Vec<(String, String)> = r["sessions"]
         .as_array()
@@ -522,7 +476,7 @@ fn a_vm_on_a_lost_desktop_gets_errors_and_its_acknowledged_writes_are_recovered(
     // The recovery branch holds exactly what the VM was told was written.
     let expected = d.env.path("expected.raw");
     make_raw(&expected, 4 * MIB, &[], 0);
-    io_ok(
+    qemu_io_assert(
         p(&expected),
         &["write -P 0x31 0 64k", "write -P 0x32 1M 64k"],
     );
@@ -558,7 +512,7 @@ fn a_killed_hub_serve_loses_nothing() {
     };
     let user = format!("nbd+unix:///desktops/d1/user?socket={}", p(&sock));
     let (mut dc, _) = spawn_announcing(&mut serve(), 2);
-    io_ok(&user, &["write -P 0x61 2M 64k", "flush"]);
+    qemu_io_assert(&user, &["write -P 0x61 2M 64k", "flush"]);
     dc.kill().unwrap();
     dc.wait().unwrap();
     assert_eq!(d.show()["holder"], "hub", "still held by the hub");
@@ -571,7 +525,7 @@ fn a_killed_hub_serve_loses_nothing() {
         .to_string();
     assert_eq!(ann["user_version"], v.as_str());
     assert_eq!(d.show()["user_version"], v.as_str());
-    io_ok(&user, &["read -P 0x61 2M 64k"]);
+    qemu_io_assert(&user, &["read -P 0x61 2M 64k"]);
     let branches = json(
         Some(&d.env.hub_store()),
         &["branch", "ls", "desktops/d1/user"],

@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use strata_store::{BlockInput, CommitTarget, RefKind, Store, VersionId, WriteSession};
+use strata_store::{RefKind, Store, VersionId};
 use strata_sync::api::Want;
 use strata_sync::client::NoBases;
 use strata_sync::PullOptions;
@@ -29,31 +29,8 @@ fn page(n: u64) -> Vec<u8> {
 }
 
 fn commit64(store: &Store, image: &str, bytes: &[u8], parent: Option<VersionId>) -> VersionId {
-    let mut s = WriteSession::begin(store, "test").unwrap();
-    let mut d = s.new_version(bytes.len() as u64, BLOCK as u32).unwrap();
-    s.add_blocks(
-        &mut d,
-        bytes
-            .chunks(BLOCK)
-            .map(|b| BlockInput::Data(b.to_vec()))
-            .collect(),
-    )
-    .unwrap();
-    let (vid, _, _) = s
-        .commit(
-            d,
-            &CommitTarget {
-                image: image.into(),
-                branch: "main".into(),
-                expected: parent,
-                create_image: true,
-                parents: parent.into_iter().collect(),
-                author: "test".into(),
-                message: String::new(),
-            },
-        )
-        .unwrap();
-    vid
+    let blocks: Vec<Vec<u8>> = bytes.chunks(BLOCK).map(<[u8]>::to_vec).collect();
+    commit_with(store, image, &blocks, parent, BLOCK as u32)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -305,10 +305,27 @@ pub fn wait_local(pt: &Path) -> Value {
 }
 
 pub fn wait_local_in(ns: Option<&str>, pt: &Path) -> Value {
+    wait_status(ns, pt, |st| st["sessions"][0]["prefetch"].is_null())
+}
+
+/// Wait until no session of the point is still streaming its base.
+pub fn wait_all_local(pt: &Path) -> Value {
+    wait_status(None, pt, |st| {
+        st["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["prefetch"].is_null())
+    })
+}
+
+/// `point status` once `done` holds of it (the prefetch is asynchronous; the
+/// two-minute deadline only turns a hang into a failure).
+fn wait_status(ns: Option<&str>, pt: &Path, done: impl Fn(&Value) -> bool) -> Value {
     let t0 = Instant::now();
     loop {
         let st = json_in(ns, Some(pt), &["point", "status"]);
-        if st["sessions"][0]["prefetch"].is_null() {
+        if done(&st) {
             return st;
         }
         assert!(
@@ -333,6 +350,20 @@ pub fn qemu_io_ok(uri: &str, cmds: &[&str]) -> (bool, String) {
         String::from_utf8_lossy(&out.stderr)
     );
     (out.status.success() && !text.contains("failed"), text)
+}
+
+/// qemu-io with `cmds` on `uri` must succeed.
+pub fn qemu_io_assert(uri: &str, cmds: &[&str]) {
+    let (ok, out) = qemu_io_ok(uri, cmds);
+    assert!(ok, "qemu-io {cmds:?} on {uri}: {out}");
+}
+
+/// `point desktop start NAME` on the point whose store is `pt`, serving on `sock`.
+pub fn desktop_start(pt: &Path, name: &str, sock: &Path) -> Value {
+    json(
+        Some(pt),
+        &["point", "desktop", "start", name, "--socket", p(sock)],
+    )
 }
 
 /// A hub directory, a source store for the operator, and room for points.
@@ -399,7 +430,14 @@ impl Env {
 
     fn admin_args<'a>(&'a self, args: &[&'a str], d: &'a Path) -> Vec<&'a str> {
         let mut full: Vec<&str> = vec!["hub"];
-        full.extend_from_slice(args);
+        full.extend_from_slice(&self.operator_args(args, d));
+        full
+    }
+
+    /// `args --dir HUB_DIR [--ca CA]`: an operator command outside `strata hub`
+    /// (`channel`, `desktop`).
+    fn operator_args<'a>(&'a self, args: &[&'a str], d: &'a Path) -> Vec<&'a str> {
+        let mut full: Vec<&str> = args.to_vec();
         full.extend_from_slice(&["--dir", p(d)]);
         if let Some(ca) = &self.ca {
             full.extend_from_slice(&["--ca", p(ca)]);
@@ -417,6 +455,18 @@ impl Env {
     pub fn admin_json(&self, args: &[&str]) -> Value {
         let d = self.hub_dir();
         json_in(self.hub_ns.as_deref(), None, &self.admin_args(args, &d))
+    }
+
+    /// `strata channel ...` / `strata desktop ...` against the hub.
+    pub fn operator(&self, args: &[&str]) -> String {
+        let d = self.hub_dir();
+        ok_in(self.hub_ns.as_deref(), None, &self.operator_args(args, &d))
+    }
+
+    /// The same with `--json`.
+    pub fn operator_json(&self, args: &[&str]) -> Value {
+        let d = self.hub_dir();
+        json_in(self.hub_ns.as_deref(), None, &self.operator_args(args, &d))
     }
 
     /// Enrol a point called `name` whose store is `DIR/name`, talking to `url`.

@@ -105,8 +105,19 @@ pub fn commit(
     blocks: &[Vec<u8>],
     parent: Option<VersionId>,
 ) -> VersionId {
+    commit_with(store, image, blocks, parent, BS)
+}
+
+/// [`commit`] with blocks of `bs` bytes.
+pub fn commit_with(
+    store: &Store,
+    image: &str,
+    blocks: &[Vec<u8>],
+    parent: Option<VersionId>,
+    bs: u32,
+) -> VersionId {
     let mut s = WriteSession::begin(store, "test").unwrap();
-    let mut d = s.new_version(blocks.len() as u64 * BS as u64, BS).unwrap();
+    let mut d = s.new_version(blocks.len() as u64 * bs as u64, bs).unwrap();
     s.add_blocks(
         &mut d,
         blocks
