@@ -139,7 +139,7 @@ pub fn restore_points(
     store: &Store,
     image: &str,
 ) -> strata_store::Result<Vec<(i64, String, VersionId)>> {
-    let mut out: Vec<(i64, String, VersionId)> = store
+    let out: Vec<(i64, String, VersionId)> = store
         .refs(image, RefKind::Tag)?
         .into_iter()
         .filter_map(|r| {
@@ -148,8 +148,38 @@ pub fn restore_points(
             Some((time, r.name, VersionId::from_hex(&r.version)?))
         })
         .collect();
-    out.sort_by_key(|(t, _, _)| std::cmp::Reverse(*t));
-    Ok(out)
+    // Versions record their time to the second, and two syncs can fall in one:
+    // within a second, a version that has the others in its history is newer.
+    let newer_than = |v: &VersionId, t: i64| -> usize {
+        let same: Vec<VersionId> = out
+            .iter()
+            .filter(|(ot, _, ov)| *ot == t && ov != v)
+            .map(|(_, _, ov)| *ov)
+            .collect();
+        if same.is_empty() {
+            return 0;
+        }
+        let mut todo = vec![*v];
+        let mut seen = std::collections::HashSet::new();
+        while let Some(x) = todo.pop() {
+            let Ok(ver) = store.load_version(&x) else {
+                continue;
+            };
+            if ver.time < t {
+                continue; // older than the second: none of `same` is further back
+            }
+            for p in ver.parent_ids().unwrap_or_default() {
+                if seen.len() < 256 && seen.insert(p) {
+                    todo.push(p);
+                }
+            }
+        }
+        same.iter().filter(|o| seen.contains(o)).count()
+    };
+    let rank: Vec<usize> = out.iter().map(|(t, _, v)| newer_than(v, *t)).collect();
+    let mut ranked: Vec<((i64, String, VersionId), usize)> = out.into_iter().zip(rank).collect();
+    ranked.sort_by_key(|((t, _, _), r)| (std::cmp::Reverse(*t), std::cmp::Reverse(*r)));
+    Ok(ranked.into_iter().map(|(x, _)| x).collect())
 }
 
 /// Delete the restore-point tags of `image` that `policy` does not keep; returns
