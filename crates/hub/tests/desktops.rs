@@ -199,28 +199,7 @@ async fn one_writer_per_desktop_and_recovery_after_a_forced_transfer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_undo_and_retention() {
     let env = Env::with(|cfg| cfg.retention = "last=3".parse().unwrap()).await;
-    let hub_store = env.hub_store();
-    commit(&hub_store, "gold", &[block(1)], None);
-    let admin = env.admin();
-    admin
-        .publish(&PublishRequest {
-            channel: "c".into(),
-            image: "gold".into(),
-            rev: "main".into(),
-            expected_seq: None,
-        })
-        .await
-        .unwrap();
-    admin
-        .create_desktop(&CreateDesktopRequest {
-            name: "d1".into(),
-            channel: "c".into(),
-            size: Some(8 * BS as u64),
-            template: None,
-            block_size: Some(BS),
-        })
-        .await
-        .unwrap();
+    let (hub_store, admin) = gold_desktop(&env, &[block(1)], 8).await;
     let cred = env.enroll("p1").await;
     let p1 = env.client(Some(&cred));
     p1.check_out("d1").await.unwrap();
@@ -316,28 +295,7 @@ async fn os_resets_point_reports_and_the_hubs_own_hold() {
     use strata_sync::api::{DesktopPointReport, HUB_HOLDER};
 
     let env = Env::new().await;
-    let hub_store = env.hub_store();
-    commit(&hub_store, "gold", &[block(1), block(2)], None);
-    let admin = env.admin();
-    admin
-        .publish(&PublishRequest {
-            channel: "c".into(),
-            image: "gold".into(),
-            rev: "main".into(),
-            expected_seq: None,
-        })
-        .await
-        .unwrap();
-    admin
-        .create_desktop(&CreateDesktopRequest {
-            name: "d1".into(),
-            channel: "c".into(),
-            size: Some(4 * BS as u64),
-            template: None,
-            block_size: Some(BS),
-        })
-        .await
-        .unwrap();
+    let (hub_store, admin) = gold_desktop(&env, &[block(1), block(2)], 4).await;
     let fresh = admin.desktop_detail("d1").await.unwrap();
     assert_eq!((fresh.os_reset, fresh.point.as_ref()), (0, None));
 
@@ -457,4 +415,36 @@ async fn os_resets_point_reports_and_the_hubs_own_hold() {
     assert!(seen("desktop.reset-os", "admin", "#2"), "{audit:#?}");
     assert!(seen("desktop.transfer", "admin", "to hub, taken from p1"));
     assert!(seen("desktop.checkin", "admin", "from hub"));
+}
+
+/// Gold (`blocks`) published to channel `c`, and desktop `d1` on it with a user disk
+/// of `size` blocks: the hub's store and an admin client.
+async fn gold_desktop(
+    env: &Env,
+    blocks: &[Vec<u8>],
+    size: u64,
+) -> (strata_store::Store, strata_sync::HubClient) {
+    let hub_store = env.hub_store();
+    commit(&hub_store, "gold", blocks, None);
+    let admin = env.admin();
+    admin
+        .publish(&PublishRequest {
+            channel: "c".into(),
+            image: "gold".into(),
+            rev: "main".into(),
+            expected_seq: None,
+        })
+        .await
+        .unwrap();
+    admin
+        .create_desktop(&CreateDesktopRequest {
+            name: "d1".into(),
+            channel: "c".into(),
+            size: Some(size * BS as u64),
+            template: None,
+            block_size: Some(BS),
+        })
+        .await
+        .unwrap();
+    (hub_store, admin)
 }
