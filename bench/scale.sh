@@ -5,15 +5,16 @@
 # One real hub (`strata hub run`, fresh directory, HTTPS on 127.0.0.1 with a
 # self-signed certificate, as points reach a hub) and `strata-load`
 # (crates/loadgen), which plays N points against it over the real protocol with the
-# real client code: each point enrolled, its desktop (an 8 MiB user disk, mostly
-# never written) created on one channel and checked out to it, exactly as
-# `strata hub enroll`, `point enroll`, `desktop create` and `point desktop start`
-# do; then every point checks in on its interval: a local commit of 3 rewritten
-# 64 KiB blocks (8 KiB random + 56 KiB text each), `strata_sync::push` of it
-# (compare-and-swap against the hub tip it knew), and the question whether its
-# channel moved (GET /v1/desktops), on a new connection (TLS handshake included) as
-# after the 90 s idle timeout of a real point's connection pool. Phases are spread
-# uniformly over the interval.
+# real client code: each point enrolled, its desktop (an 8 MiB user disk, a copy
+# of a template a quarter of whose blocks hold data) created on one channel and
+# checked out to it, exactly as `strata hub enroll`, `point enroll`, `desktop
+# create --template` and `point desktop start` do; then every point checks in on
+# its interval as the agent's sync round does: a local commit of 3 rewritten 64 KiB
+# blocks (8 KiB random + 56 KiB text each), a desktop report, `strata_sync::push`
+# (compare-and-swap against the hub tip it knew), a second report, and the
+# question whether its channel moved (GET /v1/desktops), on a new connection (TLS
+# handshake included) as after the 90 s idle timeout of a real point's connection
+# pool. Phases are spread uniformly over the interval.
 #
 # Steps (`strata-load --steps`, all against the same hub; each step sets up only
 # the desktops it adds):
@@ -28,11 +29,12 @@
 # requests, end to end) is under 1 s. A step that does not pass runs once more
 # (after the hub is idle again; both runs are reported), since on a shared machine
 # one stall of the disk by another process's writes is enough to fail a minute of
-# check-ins; the run stops at the first step whose repeat does not pass either. Then the largest N that passed (at its smallest K) runs once more, after the
-# hub has gone idle, while `perf` profiles the hub
-# (BENCH_SCALE_PROFILE=0 skips it): what its CPU did (perf record, call chains) and
-# its system calls per check-in with their latency (perf trace -s). The profilers
-# cost CPU too, so that run is slower than the step it repeats.
+# check-ins; the run stops at the first step whose repeat does not pass either.
+# Then the largest N that passed (at its smallest K) runs once more, after the hub
+# has gone idle, while `perf` profiles the hub (BENCH_SCALE_PROFILE=0 skips it):
+# what its CPU did (perf record, call chains) and its system calls per check-in
+# with their latency (perf trace -s). The profilers cost CPU too, so that run is
+# slower than the step it repeats. docs/performance.md ("Scale") has the results.
 #
 # Environment:
 #   BENCH_SCALE_STEPS     desktops per step at the real interval (comma separated)
@@ -46,7 +48,7 @@
 #   BENCH_KEEP=1          keep the work directory
 #   STRATA_BIN, STRATA_LOAD_BIN  use these binaries instead of building release
 #
-# Usage: bench/scale.sh                 # about 20-25 minutes on 2 cores
+# Usage: bench/scale.sh                 # about 13 minutes on 2 cores, +5 to build
 #        BENCH_SCALE_STEPS=1000,5000 BENCH_SCALE_SCALES=4 BENCH_SCALE_DURATION=30 bench/scale.sh
 set -euo pipefail
 
