@@ -366,8 +366,7 @@ fn find_runs(
         read(&others).filter(|h| h.len() == others.len())
     };
     let held = |c: &ChunkId| -> Option<&[u8]> {
-        if let Some((b, bytes)) = base.filter(|(b, _)| b == c) {
-            let _ = b;
+        if let Some((_, bytes)) = base.filter(|(b, _)| b == c) {
             return Some(bytes);
         }
         let i = others.iter().position(|o| o == c)?;
@@ -499,17 +498,15 @@ pub fn pages_body(
     if runs.is_empty() && base.is_none() {
         return Body::Raw(raw);
     }
-    let literal = literal_of(&raw, &runs);
-    let pages_cost = match runs.is_empty() {
-        true => usize::MAX,
-        false => {
-            6 + 32 * chunks.len() + 7 * runs.len() + crate::delta::stream_cost(&literal, level)
-        }
-    };
+    // The literal is only needed (and only copied) when there are runs.
+    let literal = (!runs.is_empty()).then(|| literal_of(&raw, &runs));
+    let pages_cost = literal.as_ref().map_or(usize::MAX, |l| {
+        6 + 32 * chunks.len() + 7 * runs.len() + crate::delta::stream_cost(l, level)
+    });
     let raw_cost = crate::delta::stream_cost(&raw, level);
     let delta = base.and_then(|(bid, b)| Some((bid, crate::delta::encode(b, &raw, level).ok()?)));
     let delta_cost = delta.as_ref().map_or(usize::MAX, |(_, z)| 36 + z.len());
-    if pages_cost <= delta_cost && pages_cost < raw_cost {
+    if let Some(literal) = literal.filter(|_| pages_cost <= delta_cost && pages_cost < raw_cost) {
         return Body::Pages {
             raw_len: raw.len() as u32,
             chunks,
