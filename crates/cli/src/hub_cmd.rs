@@ -295,6 +295,14 @@ fn hub_run(
     })
 }
 
+/// The hub directory `hub desktop serve` serves the store of (`--dir` is required).
+fn served_dir(access: &HubAccess) -> Result<&PathBuf> {
+    match &access.dir {
+        Some(dir) => Ok(dir),
+        None => bail!("give the hub's directory with --dir (its store is served)"),
+    }
+}
+
 /// `hub desktop serve`: the desktop's disks as they are on the hub, read-only.
 fn desktop_serve(
     ctx: &Ctx,
@@ -303,9 +311,7 @@ fn desktop_serve(
     sockets: Vec<PathBuf>,
     access: &HubAccess,
 ) -> Result<()> {
-    let Some(dir) = &access.dir else {
-        bail!("give the hub's directory with --dir (its store is served)");
-    };
+    let dir = served_dir(access)?;
     let d = runtime()?.block_on(admin_client(access)?.desktop(name))?;
     let (Some(os_image), Some(os_version)) = (&d.os_image, &d.os_version) else {
         bail!(
@@ -454,9 +460,7 @@ fn desktop_serve_writable(
     sockets: Vec<PathBuf>,
     access: &HubAccess,
 ) -> Result<()> {
-    let Some(dir) = &access.dir else {
-        bail!("give the hub's directory with --dir (its store is served)");
-    };
+    let dir = served_dir(access)?;
     let store = Arc::new(Store::open(&dir.join("store"))?);
     if crate::serve::send_control(&store, &crate::serve::Control::Clients)?.is_some() {
         bail!(
