@@ -65,7 +65,7 @@ pub struct BlockCacheConfig {
     /// Cache decoded blocks in a local file at all.
     pub enabled: bool,
     /// Stop filling when the file system holding the cache has less free space than
-    /// this. `None`: 5% of the file system, and at least 1 GiB.
+    /// this. `None`: 5% of the file system, at least 1 GiB and at most 8 GiB.
     pub min_free_bytes: Option<u64>,
 }
 
@@ -350,9 +350,16 @@ impl BlockCache {
             // Cannot tell (the directory may not exist yet): the fill will find out.
             return true;
         };
-        let reserve = self.min_free.unwrap_or_else(|| (total / 20).max(1 << 30));
+        let reserve = self.min_free.unwrap_or_else(|| default_reserve(total));
         free > reserve.saturating_add(SPACE_CHECK_BYTES)
     }
+}
+
+/// The space kept free on a file system of `total` bytes unless configured: 5%, at
+/// least 1 GiB (a small disk must keep room for the store itself) and at most 8 GiB
+/// (5% of a large disk is far more than any store write needs).
+fn default_reserve(total: u64) -> u64 {
+    (total / 20).clamp(1 << 30, 8 << 30)
 }
 
 /// Free and total bytes of the file system holding `dir` (or its nearest existing

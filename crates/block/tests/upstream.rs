@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use common::*;
-use strata_block::{Disk, SessionDisk, Upstream, VersionDisks};
+use strata_block::{BlockCacheConfig, Disk, SessionDisk, Upstream, VersionDisks};
 use strata_store::{ChunkId, Store};
 
 /// Serves objects from a map; counts what it was asked for; may damage one object
@@ -165,9 +165,17 @@ fn local_objects_are_not_fetched_and_cache_hints_fetch() {
     assert_eq!(up.chunks_asked.load(Ordering::SeqCst), 0);
     assert_eq!(up.nodes_asked.load(Ordering::SeqCst), 0);
     drop(disk);
-    // An empty store: a CACHE hint fetches the range, later reads need no upstream.
+    // An empty store: a CACHE hint fetches the range into the block cache (this
+    // upstream does not store what it fetches), later reads need no upstream. The
+    // cache must fill however full this machine's disk is.
     let dst = new_store(&tmp.path().join("dst"));
-    let disks = VersionDisks::new(dst);
+    let disks = VersionDisks::with_config(
+        dst,
+        BlockCacheConfig {
+            enabled: true,
+            min_free_bytes: Some(0),
+        },
+    );
     let disk = disks.get_lazy(id, version, up.clone());
     disk.cache(0, 64 * 4096).unwrap();
     assert!(up.chunks_asked.load(Ordering::SeqCst) > 0);

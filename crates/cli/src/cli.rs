@@ -102,6 +102,8 @@ pub enum Command {
         /// The export a client gets when it names none (e.g. `nbdcopy [ strata serve ... ]`).
         #[arg(long, value_name = "NAME")]
         default_export: Option<String>,
+        #[command(flatten)]
+        cache: BlockCacheArgs,
     },
     /// Copy-on-write disk sessions over a version, served by `strata serve`.
     #[command(subcommand)]
@@ -342,6 +344,30 @@ pub enum DesktopCommand {
     },
 }
 
+/// How a server caches the decoded blocks of the versions it serves (see
+/// `strata_block`'s block cache: one unnamed file per open version under
+/// `STORE/cache/`, gone when the server stops).
+#[derive(Args, Debug, Clone)]
+pub struct BlockCacheArgs {
+    /// Keep at least SIZE free on the store's file system: the block cache stops
+    /// growing below it (default: 5% of the file system, at least 1 GiB and at most
+    /// 8 GiB; 0: grow until the file system is full).
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    pub cache_reserve: Option<u64>,
+    /// Do not cache decoded blocks in a local file (every read decodes from the store).
+    #[arg(long, conflicts_with = "cache_reserve")]
+    pub no_block_cache: bool,
+}
+
+impl BlockCacheArgs {
+    pub fn config(&self) -> strata_block::BlockCacheConfig {
+        strata_block::BlockCacheConfig {
+            enabled: !self.no_block_cache,
+            min_free_bytes: self.cache_reserve,
+        }
+    }
+}
+
 /// How an operator command reaches a running hub.
 #[derive(Args, Debug, Clone)]
 pub struct HubAccess {
@@ -456,6 +482,8 @@ pub enum HubDesktopCommand {
         #[arg(long, value_name = "PATH")]
         socket: Vec<PathBuf>,
         #[command(flatten)]
+        cache: BlockCacheArgs,
+        #[command(flatten)]
         access: HubAccess,
     },
 }
@@ -517,6 +545,8 @@ pub enum PointCommand {
         /// as they are read).
         #[arg(long)]
         no_prefetch: bool,
+        #[command(flatten)]
+        cache: BlockCacheArgs,
     },
     /// Commit and push now (through the running agent, or here if none runs).
     Sync,
@@ -576,6 +606,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         Some('k' | 'K') => (&t[..t.len() - 1], 1u64 << 10),
         Some('m' | 'M') => (&t[..t.len() - 1], 1 << 20),
         Some('g' | 'G') => (&t[..t.len() - 1], 1 << 30),
+        Some('t' | 'T') => (&t[..t.len() - 1], 1 << 40),
         _ => (t, 1),
     };
     num.trim()

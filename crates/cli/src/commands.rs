@@ -140,12 +140,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             tls_dir,
             tls_required,
             default_export,
+            cache,
         } => {
             let store = ctx.open()?;
             crate::serve::serve(
                 store,
                 crate::serve::ServeArgs {
                     default_export,
+                    cache: cache.config(),
                     listen,
                     sockets: socket,
                     tls_dir,

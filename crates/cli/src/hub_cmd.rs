@@ -36,7 +36,7 @@ use strata_store::{RefKind, Store, VersionId};
 use strata_sync::api::HUB_HOLDER;
 use strata_sync::{ClientConfig, HubClient, PushOptions, SyncError};
 
-use crate::cli::{HubAccess, HubCommand, HubDesktopCommand};
+use crate::cli::{BlockCacheArgs, HubAccess, HubCommand, HubDesktopCommand};
 use crate::commands::Ctx;
 use crate::output::{bytes, print_json, time};
 use crate::spec::branch_target;
@@ -130,17 +130,25 @@ pub fn run(ctx: &Ctx, cmd: HubCommand) -> Result<ExitCode> {
             writable: false,
             listen,
             socket,
+            cache,
             access,
             ..
-        }) => desktop_serve(ctx, &name, listen, socket, &access)?,
+        }) => desktop_serve(ctx, &name, serve_args(listen, socket, &cache), &access)?,
         HubCommand::Desktop(HubDesktopCommand::Serve {
             name,
             writable: true,
             force,
             listen,
             socket,
+            cache,
             access,
-        }) => desktop_serve_writable(ctx, &name, force, listen, socket, &access)?,
+        }) => desktop_serve_writable(
+            ctx,
+            &name,
+            force,
+            serve_args(listen, socket, &cache),
+            &access,
+        )?,
         HubCommand::Enroll { name, access } => {
             let client = admin_client(&access)?;
             let t = runtime()?.block_on(client.create_enrollment(&name))?;
@@ -307,8 +315,7 @@ fn served_dir(access: &HubAccess) -> Result<&PathBuf> {
 fn desktop_serve(
     ctx: &Ctx,
     name: &str,
-    listen: Vec<String>,
-    sockets: Vec<PathBuf>,
+    serve: crate::serve::ServeArgs,
     access: &HubAccess,
 ) -> Result<()> {
     let dir = served_dir(access)?;
@@ -337,12 +344,17 @@ fn desktop_serve(
         }
     }
     let store = Arc::new(Store::open(&dir.join("store"))?);
-    crate::serve::serve(store, serve_args(listen, sockets), ctx.json)
+    crate::serve::serve(store, serve, ctx.json)
 }
 
-fn serve_args(listen: Vec<String>, sockets: Vec<PathBuf>) -> crate::serve::ServeArgs {
+fn serve_args(
+    listen: Vec<String>,
+    sockets: Vec<PathBuf>,
+    cache: &BlockCacheArgs,
+) -> crate::serve::ServeArgs {
     crate::serve::ServeArgs {
         default_export: None,
+        cache: cache.config(),
         listen: if listen.is_empty() && sockets.is_empty() {
             vec!["127.0.0.1:10809".into()]
         } else {
@@ -456,8 +468,7 @@ fn desktop_serve_writable(
     ctx: &Ctx,
     name: &str,
     force: bool,
-    listen: Vec<String>,
-    sockets: Vec<PathBuf>,
+    serve: crate::serve::ServeArgs,
     access: &HubAccess,
 ) -> Result<()> {
     let dir = served_dir(access)?;
@@ -535,7 +546,7 @@ fn desktop_serve_writable(
             println!("(a killed serve's changes could not go to main: kept as {r})");
         }
     }
-    crate::serve::serve(store.clone(), serve_args(listen, sockets), ctx.json)?;
+    crate::serve::serve(store.clone(), serve, ctx.json)?;
 
     // Stopped: check the user disk back in.
     let now = rt.block_on(client.desktop_detail(name))?;

@@ -17,7 +17,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -89,11 +89,17 @@ pub fn run(ctx: &Ctx, cmd: PointCommand) -> Result<ExitCode> {
             sync_interval,
             fetch_timeout,
             no_prefetch,
+            cache,
         } => agent(
             ctx,
-            listen,
-            socket,
-            tls_dir,
+            ServeArgs {
+                default_export: None,
+                cache: cache.config(),
+                listen,
+                sockets: socket,
+                tls_dir,
+                tls_required: false,
+            },
             sync_interval,
             fetch_timeout,
             !no_prefetch,
@@ -584,9 +590,7 @@ fn control_loop(
 
 fn agent(
     ctx: &Ctx,
-    listen: Vec<String>,
-    sockets: Vec<PathBuf>,
-    tls_dir: Option<PathBuf>,
+    serve_args: ServeArgs,
     sync_interval: Option<Duration>,
     fetch_timeout: Duration,
     prefetch: bool,
@@ -603,7 +607,11 @@ fn agent(
     let _ = std::fs::remove_file(&control);
     let listener =
         UnixListener::bind(&control).with_context(|| format!("binding {}", control.display()))?;
-    let exports = Arc::new(StoreExports::new(store.clone(), None));
+    let exports = Arc::new(StoreExports::new(
+        store.clone(),
+        None,
+        serve_args.cache.clone(),
+    ));
     let committer = Arc::new(AgentCommitter {
         store: store.clone(),
         exports: exports.clone(),
@@ -616,7 +624,7 @@ fn agent(
         store: store.clone(),
         point: point.clone(),
         exports: exports.clone(),
-        bases: VersionDisks::new(store.clone()),
+        bases: VersionDisks::with_config(store.clone(), serve_args.cache.clone()),
         held: std::sync::Mutex::new(Vec::new()),
         fetch_timeout,
         prefetch,
@@ -637,18 +645,7 @@ fn agent(
         let (point, committer) = (point.clone(), committer.clone());
         std::thread::spawn(move || control_loop(listener, point, committer, streaming, handle));
     }
-    let r = serve::serve_exports(
-        store,
-        exports,
-        ServeArgs {
-            default_export: None,
-            listen,
-            sockets,
-            tls_dir,
-            tls_required: false,
-        },
-        ctx.json,
-    );
+    let r = serve::serve_exports(store, exports, serve_args, ctx.json);
     let _ = std::fs::remove_file(&control);
     r
 }

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use strata_block::{Disk, SessionDisk, VersionDisk, VersionDisks};
+use strata_block::{BlockCacheConfig, Disk, SessionDisk, VersionDisk, VersionDisks};
 use strata_nbd::{Export, ExportInfo, ExportProvider, Listener, Server, ServerConfig};
 use strata_store::{Store, VersionId};
 
@@ -74,9 +74,13 @@ impl Drop for ClientLease {
 }
 
 impl StoreExports {
-    pub fn new(store: Arc<Store>, default: Option<String>) -> StoreExports {
+    pub fn new(
+        store: Arc<Store>,
+        default: Option<String>,
+        cache: BlockCacheConfig,
+    ) -> StoreExports {
         StoreExports {
-            bases: VersionDisks::new(store.clone()),
+            bases: VersionDisks::with_config(store.clone(), cache),
             store,
             default,
             sessions: Mutex::new(HashMap::new()),
@@ -335,6 +339,8 @@ fn control_loop(listener: StdUnixListener, exports: Arc<StoreExports>) {
 
 pub struct ServeArgs {
     pub default_export: Option<String>,
+    /// The block cache of the versions served.
+    pub cache: BlockCacheConfig,
     pub listen: Vec<String>,
     pub sockets: Vec<PathBuf>,
     pub tls_dir: Option<PathBuf>,
@@ -346,6 +352,7 @@ pub fn serve(store: Arc<Store>, args: ServeArgs, json: bool) -> Result<()> {
     let exports = Arc::new(StoreExports::new(
         store.clone(),
         args.default_export.clone(),
+        args.cache.clone(),
     ));
     serve_exports(store, exports, args, json)
 }

@@ -43,12 +43,12 @@ fn open_files_under(pid: u32, dir: &Path) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn sessions_and_exports_of_one_version_share_one_cache_file() {
-    let tmp = tempfile::tempdir().unwrap();
-    let store = tmp.path().join("store");
+/// A store holding `gold` (24 MiB: data, a hole, zeros) imported from `base.raw`,
+/// and sessions `vm1` and `vm2` over it.
+fn gold_store(tmp: &Path) -> (PathBuf, PathBuf) {
+    let store = tmp.join("store");
     strata(&store, &["init"]);
-    let base = tmp.path().join("base.raw");
+    let base = tmp.join("base.raw");
     run("qemu-img", &["create", "-q", "-f", "raw", p(&base), "24M"]);
     run(
         "qemu-io",
@@ -70,18 +70,32 @@ fn sessions_and_exports_of_one_version_share_one_cache_file() {
     for vm in ["vm1", "vm2"] {
         strata(&store, &["session", "create", vm, "--from", "gold"]);
     }
+    (store, base)
+}
 
-    let sock: PathBuf = tmp.path().join("nbd.sock");
+/// `strata serve` on a unix socket with `cache_args`.
+fn serve(store: &Path, sock: &Path, cache_args: &[&str]) -> Serve {
     let (child, lines) = spawn_announcing(
         Command::new(env!("CARGO_BIN_EXE_strata"))
             .arg("--store")
-            .arg(&store)
-            .args(["serve", "--socket"])
-            .arg(&sock),
+            .arg(store)
+            .arg("serve")
+            .args(cache_args)
+            .arg("--socket")
+            .arg(sock),
         1,
     );
     assert!(lines[0].starts_with("serving"), "{lines:?}");
-    let server = Serve(child);
+    Serve(child)
+}
+
+#[test]
+fn sessions_and_exports_of_one_version_share_one_cache_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, base) = gold_store(tmp.path());
+    let sock: PathBuf = tmp.path().join("nbd.sock");
+    // The cache must fill however full this machine's disk is.
+    let server = serve(&store, &sock, &["--cache-reserve", "0"]);
     let uri = |export: &str| format!("nbd+unix:///{export}?socket={}", sock.display());
     let cache = store.join("cache");
 
@@ -124,4 +138,43 @@ fn sessions_and_exports_of_one_version_share_one_cache_file() {
     strata(&store, &["verify"]);
     strata(&store, &["gc"]);
     strata(&store, &["verify"]);
+}
+
+#[test]
+fn a_cache_that_is_off_or_out_of_room_makes_no_file_and_reads_right() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, base) = gold_store(tmp.path());
+    let sock: PathBuf = tmp.path().join("nbd.sock");
+    let uri = |export: &str| format!("nbd+unix:///{export}?socket={}", sock.display());
+    // Off, and a reserve larger than any disk: blocks are decoded at every read.
+    for args in [
+        &["--no-block-cache"][..],
+        &["--cache-reserve", "1000000T"][..],
+    ] {
+        let server = serve(&store, &sock, args);
+        for export in ["vm1", "gold@main", "vm2", "gold@main"] {
+            assert!(
+                identical(&uri(export), "raw", p(&base), "raw"),
+                "{args:?} {export}"
+            );
+        }
+        let files = open_files_under(server.0.id(), &store.join("cache"));
+        assert!(files.is_empty(), "{args:?}: {files:?}");
+    }
+    // The two cannot be asked together.
+    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .arg("--store")
+        .arg(&store)
+        .args([
+            "serve",
+            "--no-block-cache",
+            "--cache-reserve",
+            "1G",
+            "--socket",
+        ])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be used with"));
 }
