@@ -300,6 +300,27 @@ async fn download(
         .collect()
 }
 
+/// The distinct data chunks of `tree` (how many) and those the store lacks, each
+/// under the first block that holds it.
+fn lacking_chunks(
+    tree: &RemoteTree,
+    ws: &mut WriteSession<'static>,
+) -> Result<(u64, BTreeSet<(u64, ChunkId)>)> {
+    let mut first: HashMap<ChunkId, u64> = HashMap::new();
+    for (b, id) in tree.data_blocks()? {
+        first.entry(id).or_insert(b);
+    }
+    let ids: Vec<ChunkId> = first.keys().copied().collect();
+    let lacking: HashSet<ChunkId> = ws.lacking(&ids)?.into_iter().collect();
+    let total = first.len() as u64;
+    let pending = first
+        .into_iter()
+        .filter(|(id, _)| lacking.contains(id))
+        .map(|(id, b)| (b, id))
+        .collect();
+    Ok((total, pending))
+}
+
 /// What a [`LazyBase`] needs from its owner.
 pub struct LazyConfig {
     /// How long a read of a missing block waits for the hub before failing.
@@ -337,20 +358,9 @@ impl LazyBase {
         cfg: LazyConfig,
     ) -> Result<Arc<LazyBase>> {
         let tree = RemoteTree::load(dir)?;
-        let mut first: HashMap<ChunkId, u64> = HashMap::new();
-        for (b, id) in tree.data_blocks()? {
-            first.entry(id).or_insert(b);
-        }
-        let total = first.len() as u64;
         let mut receiver =
             WriteSession::begin_owned(store.clone(), &format!("stream base of session {session}"))?;
-        let ids: Vec<ChunkId> = first.keys().copied().collect();
-        let lacking: HashSet<ChunkId> = receiver.lacking(&ids)?.into_iter().collect();
-        let pending = first
-            .into_iter()
-            .filter(|(id, _)| lacking.contains(id))
-            .map(|(id, b)| (b, id))
-            .collect();
+        let (total, pending) = lacking_chunks(&tree, &mut receiver)?;
         Ok(Arc::new(LazyBase {
             session: session.to_string(),
             dir: dir.to_path_buf(),
@@ -463,7 +473,28 @@ impl LazyBase {
         loop {
             let batch = self.next_batch();
             if batch.is_empty() {
-                break;
+                let me = self.clone();
+                let made = tokio::task::spawn_blocking(move || me.materialise())
+                    .await
+                    .map_err(|e| PointError::Invalid(format!("materialising: {e}")))
+                    .and_then(|r| r);
+                match made {
+                    Ok(()) => break,
+                    Err(e) => {
+                        // A base left half-local would be served lazily for ever and
+                        // never committed: look again at what the store lacks, and
+                        // try again after a pause.
+                        failures += 1;
+                        let wait = Duration::from_secs(1 << failures.min(5));
+                        tracing::warn!(session = %self.session, error = %e, "could not make the base local; retrying in {wait:?}");
+                        tokio::time::sleep(wait).await;
+                        let me = self.clone();
+                        tokio::task::spawn_blocking(move || me.reopen())
+                            .await
+                            .map_err(|e| PointError::Invalid(format!("reopening: {e}")))??;
+                        continue;
+                    }
+                }
             }
             let deadline = Instant::now() + Duration::from_secs(60);
             let me = self.clone();
@@ -480,11 +511,27 @@ impl LazyBase {
                 }
             }
         }
-        let me = self.clone();
-        tokio::task::spawn_blocking(move || me.materialise())
-            .await
-            .map_err(|e| PointError::Invalid(format!("materialising: {e}")))??;
         report(&self.progress());
+        Ok(())
+    }
+
+    /// After a failed [`materialise`](Self::materialise): a new receiver, and the
+    /// chunks the store lacks (a failed write session may have taken some with it)
+    /// pending again.
+    fn reopen(&self) -> Result<()> {
+        if self.is_materialised() {
+            return Ok(());
+        }
+        let mut r = self.receiver.lock().unwrap();
+        let mut ws = match r.take() {
+            Some(ws) => ws,
+            None => WriteSession::begin_owned(
+                self.store.clone(),
+                &format!("stream base of session {}", self.session),
+            )?,
+        };
+        *self.pending.lock().unwrap() = lacking_chunks(&self.tree, &mut ws)?.1;
+        *r = Some(ws);
         Ok(())
     }
 
@@ -492,7 +539,13 @@ impl LazyBase {
     /// `SESSION:main` to the version and register the session in the catalog.
     fn materialise(&self) -> Result<()> {
         let Some(mut ws) = self.receiver.lock().unwrap().take() else {
-            return Ok(());
+            if self.is_materialised() {
+                return Ok(());
+            }
+            return Err(PointError::Invalid(format!(
+                "the base of session {} is being made local elsewhere",
+                self.session
+            )));
         };
         let vid = self.tree.id;
         if !ws.lacking(&[vid])?.is_empty() {
