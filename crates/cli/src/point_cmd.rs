@@ -705,6 +705,12 @@ fn print_round_value(v: &serde_json::Value) {
             .as_str()
             .map(|c| format!("committed {}, ", &c[..12.min(c.len())]))
             .unwrap_or_default();
+        if let Some(branch) = s["recovered"].as_str() {
+            println!(
+                "{name}: {committed}checked out elsewhere now; its changes are on the hub as {branch}, and it is no longer served here"
+            );
+            continue;
+        }
         match s.get("pushed").filter(|p| !p.is_null()) {
             Some(p) => println!(
                 "{name}: {committed}pushed {} objects ({} data), {} sent",

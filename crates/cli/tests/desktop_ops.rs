@@ -405,14 +405,18 @@ fn the_hub_serves_a_lost_desktop_writable_and_hands_it_on() {
         &agent_b.uri("desktops/d1/os"),
         "raw"
     ));
-    // The lost laptop keeps its tail as a recovery branch at its next contact.
-    let r = json(Some(&d.a), &["point", "sync"]);
-    let rec = r["sessions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find_map(|s| s["recovered"].as_str().map(str::to_string))
-        .unwrap_or_else(|| panic!("no recovery in {r:#}"));
+    // The lost laptop keeps its tail as a recovery branch at its next contact, and
+    // says so.
+    let text = ok(Some(&d.a), &["point", "sync"]);
+    let rec = text
+        .lines()
+        .find(|l| l.starts_with("desktops/d1/user: ") && l.contains("checked out elsewhere"))
+        .and_then(|l| l.split("on the hub as ").nth(1))
+        .and_then(|t| t.split(',').next())
+        .unwrap_or_else(|| panic!("no recovery in {text}"))
+        .to_string();
+    assert!(rec.starts_with("recovery/"), "{text}");
+    assert!(!text.contains("up to date"), "{text}");
     let tail = d
         .env
         .hub_export(&format!("desktops/d1/user@{rec}"), "tail.raw");
