@@ -508,7 +508,8 @@ pub enum PointCommand {
     /// Fetch IMAGE[@REV] from the hub in full, only the blocks not already here.
     Pull {
         spec: String,
-        /// Runs of the transfer after the link fails before giving up.
+        /// Give up after this many runs in a row that received nothing (a run cut
+        /// after it received data is resumed however often it happens).
         #[arg(long, default_value_t = 5)]
         attempts: u32,
         /// A local raw or qcow2 image to take matching blocks from (a block is taken

@@ -50,13 +50,18 @@ pub struct PullReport {
     /// Body bytes on the wire over all attempts, both directions.
     pub wire_sent: u64,
     pub wire_received: u64,
-    /// Runs of the transfer (1 without failures) and requests retried within them.
+    /// Runs of the transfer (1 without failures), and requests retried within the
+    /// last run (a failed run reports nothing back).
     pub attempts: u32,
     pub retries: u64,
     pub seconds: f64,
     /// The last attempt's details.
     pub transfer: TransferStats,
 }
+
+/// What a cut pull run must have received to count as progress (a run that got
+/// less does not reset [`Point::pull`]'s count of failed runs).
+const PROGRESS_BYTES: u64 = 64 << 10;
 
 /// One session's part of a sync round.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -259,8 +264,8 @@ impl Point {
 
     /// Fetch version `rev` of `image` completely (only the objects the local store
     /// lacks) and move the local branch (see [`strata_sync::pull`]). A run cut by the
-    /// link is run again, up to `attempts` runs in all, each resuming where the
-    /// last stopped.
+    /// link is run again, each resuming where the last stopped, until `attempts`
+    /// runs in a row received nothing.
     ///
     /// With a `seed` (a local copy of the image, see [`crate::ImageSeed`]), blocks the
     /// seed holds at the same place with the right hash are taken from it instead
@@ -279,12 +284,26 @@ impl Point {
             seed,
             ..PullOptions::default()
         };
+        // Runs in a row that received nothing: only those count toward `attempts`
+        // and lengthen the pause. A run cut after it received data made progress
+        // (what arrived whole is kept), so a long pull over a link that keeps
+        // failing goes on as long as it gets somewhere.
+        let mut stalled = 0u32;
         let stats = loop {
             attempt += 1;
+            let received = self.client.wire().received;
             match strata_sync::pull(&self.store, &self.client, image, rev, &opts).await {
                 Ok(s) => break s,
-                Err(e) if e.is_transient() && attempt < attempts.max(1) => {
-                    let wait = Duration::from_millis(500u64 << attempt.min(4));
+                Err(e) if e.is_transient() => {
+                    if self.client.wire().received - received >= PROGRESS_BYTES {
+                        stalled = 0;
+                    } else {
+                        stalled += 1;
+                    }
+                    if stalled >= attempts.max(1) {
+                        return Err(e.into());
+                    }
+                    let wait = Duration::from_millis(500u64 << stalled.min(4));
                     tracing::warn!(error = %e, attempt, "pull interrupted; resuming in {wait:?}");
                     tokio::time::sleep(wait).await;
                 }
