@@ -16,7 +16,7 @@ use common::hub::{
 };
 use common::{identical, make_pki, p, run_tool, Rng};
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -664,4 +664,82 @@ fn hub_and_point_on_two_hosts_pull_and_sync_across_a_veth_link() {
     assert!(audit.contains("branch-office"), "{audit}");
     drop(agent);
     drop(hub);
+}
+
+/// A self-signed certificate as one `openssl req -x509` command makes it: marked
+/// CA:TRUE, its own issuer.
+fn self_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
+    let (cert, key) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}-key.pem")),
+    );
+    run_tool(
+        "openssl",
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            p(&key),
+            "-out",
+            p(&cert),
+            "-days",
+            "2",
+            "-subj",
+            "/CN=hub",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+        ],
+    );
+    (cert, key)
+}
+
+#[test]
+fn a_self_signed_hub_certificate_is_trusted_when_it_is_the_one_named() {
+    let mut env = Env::new();
+    let (cert, key) = self_signed(&env.path("pki"), "hub");
+    let hub = Hub::start_opts(
+        &env.hub_dir(),
+        HubOpts {
+            extra: &["--tls-cert", p(&cert), "--tls-key", p(&key)],
+            ..HubOpts::default()
+        },
+    );
+    env.ca = Some(cert.clone());
+    let gold = env.path("gold.raw");
+    make_raw(&gold, 8 * MIB, &[(0, 3 * MIB)], 43);
+    env.publish(&gold, "gold");
+
+    // Another certificate of the same name and form is not this one: refused.
+    let (other, _) = self_signed(&env.path("pki"), "other");
+    let token = env.admin(&["enroll", "stranger"]);
+    let stranger = env.path("stranger");
+    let err = fails(
+        Some(&stranger),
+        &[
+            "point",
+            "enroll",
+            &hub.url(),
+            token.trim(),
+            "--ca",
+            p(&other),
+        ],
+    );
+    assert!(err.contains("certificate"), "{err}");
+    assert!(!stranger.join("point.json").exists());
+
+    // The hub's own certificate is trusted: enrol and pull over TLS.
+    let pt = env.point("laptop", &hub.url());
+    env.admin(&["grant", "laptop", "gold"]);
+    json(Some(&pt), &["point", "pull", "gold"]);
+    let copy = env.path("pulled.raw");
+    ok(Some(&pt), &["export", "gold@main", p(&copy)]);
+    assert!(identical(p(&copy), "raw", p(&gold), "raw"));
 }

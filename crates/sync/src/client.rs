@@ -162,13 +162,104 @@ fn tls_config(ca_pem: Option<&[u8]>) -> Result<rustls::ClientConfig> {
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| SyncError::Invalid(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .map_err(|e| SyncError::Invalid(e.to_string()))?;
+    let mut cfg = if roots.is_empty() {
+        builder.with_root_certificates(roots)
+    } else {
+        let pinned = roots_der(ca_pem.unwrap_or_default());
+        let webpki =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| SyncError::Invalid(format!("CA certificate: {e}")))?;
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(HubCertVerifier { webpki, pinned }))
+    }
+    .with_no_client_auth();
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(cfg)
+}
+
+/// The certificates of a PEM file (those that parse; [`tls_config`] reports the rest).
+fn roots_der(pem: &[u8]) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_slice_iter(pem)
+        .filter_map(|c| c.ok())
+        .collect()
+}
+
+/// Checks a hub's certificate as webpki does, with one addition: a certificate the
+/// operator trusts *itself* (the `--ca` file holds that very certificate, not only an
+/// issuer of it) is accepted even where webpki refuses it as a server's own for
+/// reasons of its form. `openssl req -x509` makes exactly such certificates: marked
+/// CA:TRUE, which webpki refuses in a server ("CaUsedAsEndEntity"). Its name must
+/// still match the hub's URL, an expired or not-yet-valid one is still refused (those
+/// are not errors of form), and the handshake must still be signed by its key.
+#[derive(Debug)]
+struct HubCertVerifier {
+    webpki: Arc<rustls::client::WebPkiServerVerifier>,
+    pinned: Vec<rustls::pki_types::CertificateDer<'static>>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for HubCertVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> std::result::Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let err = match self.webpki.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        ) {
+            Ok(v) => return Ok(v),
+            Err(e) => e,
+        };
+        let of_form = matches!(
+            err,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(_))
+        );
+        if of_form
+            && self
+                .pinned
+                .iter()
+                .any(|c| c.as_ref() == end_entity.as_ref())
+        {
+            let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+            rustls::client::verify_server_name(&cert, server_name)?;
+            return Ok(rustls::client::danger::ServerCertVerified::assertion());
+        }
+        Err(err)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
 }
 
 impl HubClient {
