@@ -408,7 +408,15 @@ pub enum HubCommand {
         /// `last=1,hourly=24,daily=30,monthly=12` (the default).
         #[arg(long, value_name = "POLICY")]
         retention: Option<String>,
+        /// Run gc this often (pruned restore points and other unreachable data go
+        /// only then); 0 turns it off, leaving it to `strata hub gc`.
+        #[arg(long, value_parser = parse_duration, value_name = "DURATION", default_value = "24h")]
+        gc_interval: std::time::Duration,
     },
+    /// Remove what nothing on the hub in DIR reaches now (pruned restore points,
+    /// versions of removed images), and page indexes of removed versions. Safe while
+    /// the hub runs and points push and pull.
+    Gc { dir: PathBuf },
     /// Make a one-time enrolment token for a point called NAME.
     Enroll {
         name: String,

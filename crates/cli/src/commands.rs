@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
-use strata_store::gc::GcPhase;
 use strata_store::tree;
 use strata_store::{RefKind, Store, Version, VersionId};
 
@@ -598,35 +597,36 @@ fn gc(ctx: &Ctx) -> Result<ExitCode> {
     let store = ctx.open()?;
     let sp = output::spinner("gc", ctx.hide_progress());
     let r = strata_store::gc::gc(&store, &mut |phase| {
-        sp.set_message(match phase {
-            GcPhase::Mark => "gc: marking what refs reach",
-            GcPhase::Sweep => "gc: sweeping",
-            GcPhase::Rewrite => "gc: rewriting packs",
-        })
+        sp.set_message(format!("gc: {}", phase.describe()))
     })?;
     sp.finish_and_clear();
     if ctx.json {
         print_json(&r);
     } else {
-        println!(
-            "gc: {} objects live, {} deleted, {} versions dropped; packs: {} deleted, {} rewritten, {} orphans removed; {} -> {}",
-            r.marked_objects,
-            r.deleted_objects,
-            r.deleted_versions,
-            r.packs_deleted,
-            r.packs_rewritten,
-            r.orphan_packs_deleted,
-            bytes(r.bytes_before),
-            bytes(r.bytes_after)
-        );
-        if r.dead_sessions > 0 {
-            println!(
-                "gc: cleaned up after {} interrupted writers",
-                r.dead_sessions
-            );
-        }
+        print_gc(&r);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What a gc did, for people.
+pub(crate) fn print_gc(r: &strata_store::gc::GcReport) {
+    println!(
+        "gc: {} objects live, {} deleted, {} versions dropped; packs: {} deleted, {} rewritten, {} orphans removed; {} -> {}",
+        r.marked_objects,
+        r.deleted_objects,
+        r.deleted_versions,
+        r.packs_deleted,
+        r.packs_rewritten,
+        r.orphan_packs_deleted,
+        bytes(r.bytes_before),
+        bytes(r.bytes_after)
+    );
+    if r.dead_sessions > 0 {
+        println!(
+            "gc: cleaned up after {} interrupted writers",
+            r.dead_sessions
+        );
+    }
 }
 
 fn verify(ctx: &Ctx) -> Result<ExitCode> {

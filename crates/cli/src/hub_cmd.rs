@@ -117,6 +117,7 @@ pub fn run(ctx: &Ctx, cmd: HubCommand) -> Result<ExitCode> {
             tls_key,
             insecure,
             retention,
+            gc_interval,
         } => hub_run(
             ctx,
             &dir,
@@ -124,7 +125,9 @@ pub fn run(ctx: &Ctx, cmd: HubCommand) -> Result<ExitCode> {
             tls_cert.zip(tls_key),
             insecure,
             retention.as_deref(),
+            gc_interval,
         )?,
+        HubCommand::Gc { dir } => hub_gc(ctx, &dir)?,
         HubCommand::Desktop(HubDesktopCommand::Serve {
             name,
             writable: false,
@@ -271,10 +274,12 @@ fn hub_run(
     tls: Option<(PathBuf, PathBuf)>,
     insecure: bool,
     retention: Option<&str>,
+    gc_interval: std::time::Duration,
 ) -> Result<()> {
     let mut cfg = strata_hub::HubConfig::new(dir, parse_listen(listen)?);
     cfg.tls = tls;
     cfg.insecure = insecure;
+    cfg.gc_interval = (!gc_interval.is_zero()).then_some(gc_interval);
     if let Some(r) = retention {
         cfg.retention = r.parse().map_err(|e| anyhow!("--retention {r:?}: {e}"))?;
     }
@@ -301,6 +306,36 @@ fn hub_run(
             _ = strata_nbd::shutdown_signal() => Ok(()),
         }
     })
+}
+
+/// `hub gc DIR`: the store's gc, then page indexes of the versions it removed.
+fn hub_gc(ctx: &Ctx, dir: &Path) -> Result<()> {
+    let store = Store::open(&dir.join("store"))
+        .with_context(|| format!("{}: not a hub directory", dir.display()))?;
+    let sp = crate::output::spinner("hub gc", ctx.hide_progress());
+    let r = strata_hub::gc::gc(dir, &store, &mut |phase| {
+        sp.set_message(format!("hub gc: {}", phase.describe()))
+    });
+    sp.finish_and_clear();
+    let r = match r {
+        Err(strata_store::StoreError::GcBusy) => {
+            bail!(
+                "a gc is already running on {} (the hub's own, or another `strata hub gc`)",
+                dir.display()
+            )
+        }
+        r => r?,
+    };
+    if ctx.json {
+        print_json(&r);
+    } else {
+        crate::commands::print_gc(&r.store);
+        println!(
+            "hub gc: {} page indexes of removed versions dropped",
+            r.page_indexes_removed
+        );
+    }
+    Ok(())
 }
 
 /// The hub directory `hub desktop serve` serves the store of (`--dir` is required).

@@ -743,3 +743,43 @@ fn a_self_signed_hub_certificate_is_trusted_when_it_is_the_one_named() {
     ok(Some(&pt), &["export", "gold@main", p(&copy)]);
     assert!(identical(p(&copy), "raw", p(&gold), "raw"));
 }
+
+#[test]
+fn hub_gc_runs_beside_a_running_hub_and_drops_indexes_of_removed_versions() {
+    let env = Env::new();
+    let hub = Hub::start_opts(&env.hub_dir(), HubOpts::default());
+    let gold = env.path("gold.raw");
+    make_raw(&gold, 8 * MIB, &[(0, 3 * MIB)], 44);
+    env.publish(&gold, "gold");
+    let pt = env.point("laptop", &hub.url());
+    env.admin(&["grant", "laptop", "gold"]);
+    // An index file of a version the hub does not have, and one of a version it has.
+    let v = json(Some(&pt), &["point", "pull", "gold"])["version"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let index_dir = env.hub_dir().join("page-index");
+    std::fs::create_dir_all(&index_dir).unwrap();
+    let (gone, kept) = (
+        index_dir.join(format!("{}.idx", "ab".repeat(32))),
+        index_dir.join(format!("{v}.idx")),
+    );
+    std::fs::write(&gone, b"x").unwrap();
+    std::fs::write(&kept, b"x").unwrap();
+
+    let r = json_in(None, None, &["hub", "gc", p(&env.hub_dir())]);
+    assert_eq!(r["page_indexes_removed"], 1, "{r}");
+    assert_eq!(r["deleted_versions"], 0, "{r}");
+    assert!(!gone.exists() && kept.exists());
+    // The hub serves on, its data intact.
+    ok(Some(&pt), &["point", "pull", "gold"]);
+    ok_in(None, Some(&env.hub_store()), &["verify"]);
+    let text = ok_in(None, None, &["hub", "gc", p(&env.hub_dir())]);
+    assert!(
+        text.contains("0 page indexes of removed versions dropped"),
+        "{text}"
+    );
+    // Not a hub directory: a clear error.
+    let err = fails(None, &["hub", "gc", p(&env.path("nowhere"))]);
+    assert!(err.contains("not a hub directory"), "{err}");
+}

@@ -37,6 +37,7 @@
 mod channels;
 pub mod db;
 mod desktops;
+pub mod gc;
 mod pages;
 pub mod retention;
 mod routes;
@@ -72,6 +73,9 @@ pub struct HubConfig {
     pub enrollment_ttl: Duration,
     /// Which restore points of desktops' user disks to keep.
     pub retention: retention::Retention,
+    /// Run [`gc`](gc::gc) this often (the first run one interval after the start);
+    /// `None`: only when an operator runs `strata hub gc`.
+    pub gc_interval: Option<Duration>,
 }
 
 impl HubConfig {
@@ -85,6 +89,7 @@ impl HubConfig {
             upload_idle: Duration::from_secs(15 * 60),
             enrollment_ttl: Duration::from_secs(24 * 3600),
             retention: retention::Retention::default(),
+            gc_interval: Some(Duration::from_secs(24 * 3600)),
         }
     }
 }
@@ -224,6 +229,7 @@ pub struct RunningHub {
     addr: SocketAddr,
     tls: bool,
     task: tokio::task::JoinHandle<()>,
+    gc_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl RunningHub {
@@ -244,6 +250,9 @@ impl RunningHub {
     /// Stop accepting and drop every open connection.
     pub fn stop(self) {
         self.task.abort();
+        if let Some(t) = &self.gc_task {
+            t.abort();
+        }
     }
 
     /// Wait until the server ends (it does not, unless it fails).
@@ -274,6 +283,9 @@ pub async fn start(cfg: HubConfig) -> anyhow::Result<RunningHub> {
     let app = routes::router(hub.clone());
     let idle = cfg.upload_idle;
     let tls = acceptor.is_some();
+    let gc_task = cfg
+        .gc_interval
+        .map(|every| tokio::spawn(gc_every(hub.clone(), cfg.dir.clone(), every)));
     let task = tokio::spawn(async move {
         let mut conns = tokio::task::JoinSet::new();
         let mut tick = tokio::time::interval(Duration::from_secs(30).min(idle));
@@ -327,7 +339,36 @@ pub async fn start(cfg: HubConfig) -> anyhow::Result<RunningHub> {
             }
         }
     });
-    Ok(RunningHub { addr, tls, task })
+    Ok(RunningHub {
+        addr,
+        tls,
+        task,
+        gc_task,
+    })
+}
+
+/// Run the hub's [`gc`](gc::gc) every `every`, on a blocking thread. A round that
+/// finds another gc running (`strata hub gc`) is skipped.
+async fn gc_every(hub: Arc<Hub>, dir: PathBuf, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        let (h, d) = (hub.clone(), dir.clone());
+        match tokio::task::spawn_blocking(move || gc::gc(&d, &h.store, &mut |_| {})).await {
+            Ok(Ok(r)) => tracing::info!(
+                deleted_versions = r.store.deleted_versions,
+                deleted_objects = r.store.deleted_objects,
+                bytes_before = r.store.bytes_before,
+                bytes_after = r.store.bytes_after,
+                page_indexes_removed = r.page_indexes_removed,
+                "gc done"
+            ),
+            Ok(Err(strata_store::StoreError::GcBusy)) => {
+                tracing::info!("another gc is running; this round is skipped")
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "gc failed"),
+            Err(e) => tracing::warn!(error = %e, "gc ended abnormally"),
+        }
+    }
 }
 
 /// Whether a new connection begins with a TLS handshake record (content type 22).

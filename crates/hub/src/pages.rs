@@ -37,10 +37,15 @@ pub(crate) struct PageIndexes {
     members: Mutex<HashSet<(String, VersionId)>>,
 }
 
+/// Where hub directory `hub_dir` keeps its page index files (`VERSION.idx`).
+pub(crate) fn index_dir(hub_dir: &Path) -> PathBuf {
+    hub_dir.join("page-index")
+}
+
 impl PageIndexes {
     pub fn new(hub_dir: &Path) -> PageIndexes {
         PageIndexes {
-            dir: hub_dir.join("page-index"),
+            dir: index_dir(hub_dir),
             slots: Mutex::new(HashMap::new()),
             members: Mutex::new(HashSet::new()),
         }

@@ -194,11 +194,16 @@ async fn one_writer_per_desktop_and_recovery_after_a_forced_transfer() {
 }
 
 /// Restore to a time, undo the restore; retention keeps exactly the restore points
-/// the policy names, and gc removes the versions of the others (and only those),
-/// although every version's record still names its parent.
+/// the policy names, and the hub's own gc (every second here, running on through the
+/// restores) removes the versions of the others (and only those), although every
+/// version's record still names its parent, and the page indexes of removed versions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_undo_and_retention() {
-    let env = Env::with(|cfg| cfg.retention = "last=3".parse().unwrap()).await;
+    let env = Env::with(|cfg| {
+        cfg.retention = "last=3".parse().unwrap();
+        cfg.gc_interval = Some(std::time::Duration::from_secs(1));
+    })
+    .await;
     let (hub_store, admin) = gold_desktop(&env, &[block(1)], 8).await;
     let cred = env.enroll("p1").await;
     let p1 = env.client(Some(&cred));
@@ -230,11 +235,25 @@ async fn restore_undo_and_retention() {
     let kept: Vec<String> = rps.iter().map(|r| r.version.clone()).collect();
     let want: Vec<String> = versions.iter().rev().take(3).map(|v| v.to_hex()).collect();
     assert_eq!(kept, want);
-    strata_store::gc::gc(&hub_store, &mut |_| {}).unwrap();
+    // Index files (the names are what counts) of a pruned and of a kept version.
+    let index_dir = env.dir.path().join("hub/page-index");
+    std::fs::create_dir_all(&index_dir).unwrap();
+    let (pruned_idx, kept_idx) = (
+        index_dir.join(format!("{}.idx", versions[0].to_hex())),
+        index_dir.join(format!("{}.idx", tip.to_hex())),
+    );
+    std::fs::write(&pruned_idx, b"x").unwrap();
+    std::fs::write(&kept_idx, b"x").unwrap();
+    let t0 = std::time::Instant::now();
+    while hub_store.load_version(&versions[0]).is_ok() || pruned_idx.exists() {
+        assert!(t0.elapsed().as_secs() < 60, "the hub never ran gc");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     for (i, v) in versions.iter().enumerate() {
         let present = hub_store.load_version(v).is_ok();
         assert_eq!(present, i >= 3, "version {i}: present {present}");
     }
+    assert!(kept_idx.exists());
     verify_clean(&hub_store);
 
     // Restore to the time of the middle kept point, then undo it.

@@ -74,6 +74,17 @@ pub enum GcPhase {
     Rewrite,
 }
 
+impl GcPhase {
+    /// What the phase does, for a progress display.
+    pub fn describe(self) -> &'static str {
+        match self {
+            GcPhase::Mark => "marking what refs reach",
+            GcPhase::Sweep => "sweeping",
+            GcPhase::Rewrite => "rewriting packs",
+        }
+    }
+}
+
 /// The live part of a pack.
 struct PackUse {
     name: String,
