@@ -561,3 +561,37 @@ fn nbd_cache_requests_prefetch_the_hinted_range() {
     assert!(!ok_other, "an unhinted block read without the hub");
     drop(agent);
 }
+
+/// A base that cannot be made local at first (here: an image of the session's name
+/// already exists with another version) is tried again, not left streaming for
+/// ever: once the obstacle is gone, the base becomes local and the session reads
+/// as the hub's version.
+#[test]
+fn a_base_that_cannot_be_made_local_at_first_is_tried_again() {
+    let env = Env::new();
+    let hub = Hub::start(&env.hub_dir(), 0);
+    let img = env.path("gold.raw");
+    make_raw(&img, 8 * MIB, &[(0, 2 * MIB), (5 * MIB, MIB)], 61);
+    env.publish(&img, "gold");
+    let pt = env.point("laptop", &hub.url());
+    env.admin(&["grant", "laptop", "gold"]);
+    let r = json(
+        Some(&pt),
+        &["point", "attach", "gold@main", "--session", "vm1"],
+    );
+    assert!(r["streaming"].is_object(), "{r}");
+    // The obstacle: vm1:main at a version that is not the session's base.
+    let other = env.path("other.raw");
+    make_raw(&other, 8 * MIB, &[(0, MIB)], 62);
+    ok(Some(&pt), &["import", p(&other), "vm1"]);
+    let agent = Agent::start(&pt, &env.path("nbd.sock"));
+    // Every chunk arrives, but the base cannot become local while vm1:main is taken.
+    std::thread::sleep(Duration::from_secs(3));
+    let st = json(Some(&pt), &["point", "status"]);
+    assert!(st["sessions"][0]["prefetch"].is_object(), "{st}");
+    ok(Some(&pt), &["rm", "vm1"]);
+    wait_local(&pt);
+    assert!(identical(&agent.uri("vm1"), "raw", p(&img), "raw"));
+    let st = json(Some(&pt), &["point", "status"]);
+    assert!(st["sessions"][0]["prefetch"].is_null(), "{st}");
+}
