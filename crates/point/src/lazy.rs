@@ -489,9 +489,16 @@ impl LazyBase {
                         tracing::warn!(session = %self.session, error = %e, "could not make the base local; retrying in {wait:?}");
                         tokio::time::sleep(wait).await;
                         let me = self.clone();
-                        tokio::task::spawn_blocking(move || me.reopen())
-                            .await
-                            .map_err(|e| PointError::Invalid(format!("reopening: {e}")))??;
+                        // Failing that too, the next round tries both again.
+                        match tokio::task::spawn_blocking(move || me.reopen()).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => {
+                                tracing::warn!(session = %self.session, error = %e, "could not look again at what the store lacks")
+                            }
+                            Err(e) => {
+                                tracing::warn!(session = %self.session, error = %e, "looking again at what the store lacks ended abnormally")
+                            }
+                        }
                         continue;
                     }
                 }
