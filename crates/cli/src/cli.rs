@@ -408,8 +408,9 @@ pub enum HubCommand {
         /// `last=1,hourly=24,daily=30,monthly=12` (the default).
         #[arg(long, value_name = "POLICY")]
         retention: Option<String>,
-        /// Run gc this often (pruned restore points and other unreachable data go
-        /// only then); 0 turns it off, leaving it to `strata hub gc`.
+        /// Run gc this often, the first time an hour after the start (pruned
+        /// restore points and other unreachable data go only then); 0 turns it
+        /// off, leaving it to `strata hub gc`.
         #[arg(long, value_parser = parse_duration, value_name = "DURATION", default_value = "24h")]
         gc_interval: std::time::Duration,
     },

@@ -73,8 +73,9 @@ pub struct HubConfig {
     pub enrollment_ttl: Duration,
     /// Which restore points of desktops' user disks to keep.
     pub retention: retention::Retention,
-    /// Run [`gc`](gc::gc) this often (the first run one interval after the start);
-    /// `None`: only when an operator runs `strata hub gc`.
+    /// Run [`gc`](gc::gc) this often; the first run comes an hour after the start
+    /// (sooner if the interval is shorter), so a hub restarted more often than the
+    /// interval still collects. `None`: only when an operator runs `strata hub gc`.
     pub gc_interval: Option<Duration>,
 }
 
@@ -350,8 +351,10 @@ pub async fn start(cfg: HubConfig) -> anyhow::Result<RunningHub> {
 /// Run the hub's [`gc`](gc::gc) every `every`, on a blocking thread. A round that
 /// finds another gc running (`strata hub gc`) is skipped.
 async fn gc_every(hub: Arc<Hub>, dir: PathBuf, every: Duration) {
+    let mut wait = every.min(Duration::from_secs(3600));
     loop {
-        tokio::time::sleep(every).await;
+        tokio::time::sleep(wait).await;
+        wait = every;
         let (h, d) = (hub.clone(), dir.clone());
         match tokio::task::spawn_blocking(move || gc::gc(&d, &h.store, &mut |_| {})).await {
             Ok(Ok(r)) => tracing::info!(
