@@ -35,6 +35,7 @@
 //! point's parallel requests share one connection.
 
 mod channels;
+mod credentials;
 pub mod db;
 mod desktops;
 pub mod gc;
@@ -156,6 +157,7 @@ pub(crate) struct Hub {
     pub enrollment_ttl: Duration,
     pub retention: retention::Retention,
     pub pages: Arc<pages::PageIndexes>,
+    pub credentials: credentials::CredentialCache,
 }
 
 impl Hub {
@@ -176,6 +178,7 @@ impl Hub {
             enrollment_ttl: cfg.enrollment_ttl,
             retention: cfg.retention.clone(),
             pages: Arc::new(pages::PageIndexes::new(dir)),
+            credentials: credentials::CredentialCache::default(),
         })
     }
 

@@ -211,12 +211,25 @@ impl FromRequestParts<AppState> for Caller {
             return Ok(Caller::Admin);
         }
         let h = hash_secret(token);
+        let touch = |name: String| {
+            let hub2 = hub.clone();
+            async move {
+                let _ = blocking(move || Ok(hub2.db.touch_point(&name, now())?)).await;
+            }
+        };
+        if let Some((name, due)) = hub.credentials.lookup(&h) {
+            if due {
+                touch(name.clone()).await;
+            }
+            return Ok(Caller::Point(name));
+        }
+        let generation = hub.credentials.generation();
         let hub2 = hub.clone();
         let row = blocking(move || Ok(hub2.db.point_by_credential(&h)?)).await?;
         match row {
             Some(p) if !p.revoked => {
-                let (hub2, name) = (hub.clone(), p.name.clone());
-                let _ = blocking(move || Ok(hub2.db.touch_point(&name, now())?)).await;
+                touch(p.name.clone()).await;
+                hub.credentials.remember(h, &p.name, generation);
                 Ok(Caller::Point(p.name))
             }
             Some(_) => Err(ApiError::unauthorized(
@@ -300,6 +313,8 @@ async fn enroll(
             .db
             .redeem_enrollment(&hash_secret(&req.token), &hash_secret(&c), now())?
             .ok_or_else(|| ApiError::unauthorized("unknown, used or expired enrolment token"))?;
+        // A point enrolled again: its old credential no longer holds.
+        hub.credentials.forget_point(&name);
         hub.db
             .audit(&format!("point:{name}"), "enroll", &name, "")?;
         Ok(name)
@@ -885,6 +900,7 @@ async fn revoke_point(
         if !hub.db.revoke_point(&name)? {
             return Err(ApiError::not_found(format!("no point named {name:?}")));
         }
+        hub.credentials.forget_point(&name);
         hub.db.audit(&c.actor(), "point.revoke", &name, "")?;
         Ok(StatusCode::NO_CONTENT)
     })

@@ -165,6 +165,13 @@ async fn credentials_and_grants() {
     assert!(env.client(Some(&c3)).images().await.is_ok());
     env.admin().revoke_point("p3").await.unwrap();
     assert!(unauth(env.client(Some(&c3)).images().await));
+    // Enrolled again under its name, a point's old credential no longer holds
+    // (the hub had it cached from the request before).
+    let old = env.enroll("p4").await;
+    assert!(env.client(Some(&old)).images().await.is_ok());
+    let new = env.enroll("p4").await;
+    assert!(unauth(env.client(Some(&old)).images().await));
+    assert!(env.client(Some(&new)).images().await.is_ok());
 
     // 403: not granted, and after the grant is revoked.
     let p1 = env.client(Some(&c1));
@@ -199,7 +206,7 @@ async fn credentials_and_grants() {
             .iter()
             .map(|p| (p.name.as_str(), p.revoked))
             .collect::<Vec<_>>(),
-        vec![("p1", false), ("p2", false), ("p3", true)]
+        vec![("p1", false), ("p2", false), ("p3", true), ("p4", false)]
     );
 }
 
