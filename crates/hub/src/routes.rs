@@ -538,6 +538,7 @@ async fn begin_upload(
 ) -> ApiResult<Json<UploadCreated>> {
     blocking(move || {
         check_write(&hub, &c, &image, true)?;
+        flush_uploads_of(&hub, &c.actor(), &image)?;
         let session = WriteSession::begin_owned(
             hub.store.clone(),
             &format!("upload to {image} by {}", c.actor()),
@@ -556,6 +557,30 @@ async fn begin_upload(
         Ok(Json(UploadCreated { upload: id }))
     })
     .await
+}
+
+/// Index what `point`'s open uploads of `image` received, so that a push starting
+/// over (a new upload after one that failed part-way) sees it as present and does
+/// not send it again. Their sessions stay usable. An upload busy with a request is
+/// passed over rather than waited for (it may be another point's): a request that
+/// was cut indexes what it received itself.
+fn flush_uploads_of(hub: &Hub, point: &str, image: &str) -> ApiResult<()> {
+    let open: Vec<Arc<Mutex<Upload>>> = hub
+        .uploads
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .values()
+        .cloned()
+        .collect();
+    for up in open {
+        let Ok(mut u) = up.try_lock() else { continue };
+        if u.point == point && u.image == image {
+            if let Some(s) = u.session.as_mut() {
+                s.flush()?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The upload `id`, which must be the caller's and for `image`.
@@ -660,16 +685,18 @@ async fn upload_objects(
             failure = Some(e);
         }
     }
-    // Index what arrived, so that a resumed push (even under a new upload) finds it.
+    if failure.is_none() && reader.ended() {
+        // Complete: later requests of this upload find these objects through its
+        // session, and its commit (or the start of the point's next upload of this
+        // image, or expiry) indexes them, so a push leaves a pack or two, not one
+        // per request.
+        return Ok(Json(report));
+    }
+    // Cut or refused: index what arrived whole, so that the resumed push finds it
+    // even under a new upload.
     let up2 = up.clone();
     blocking(move || with_session(&up2, |s| Ok(s.flush()?))).await?;
-    if let Some(f) = failure {
-        return Err(f);
-    }
-    if !reader.ended() {
-        return Err(ApiError::bad_request("object stream cut short"));
-    }
-    Ok(Json(report))
+    Err(failure.unwrap_or_else(|| ApiError::bad_request("object stream cut short")))
 }
 
 /// Resolve deltas against the hub's store and add the objects (verified by the

@@ -463,10 +463,9 @@ async fn hub_gc_never_takes_an_upload_in_progress() {
     .await
     .unwrap();
     assert_eq!(report.deleted_objects, 0, "{report:?}");
-    let hub_store = env.hub_store();
-    for id in &data {
-        assert!(hub_store.locate(id).unwrap().is_some(), "gc took {id}");
-    }
+    // A completed request's objects stay in the upload's own pack until the upload
+    // ends (a pack per push, not per request); the upload finds them there.
+    assert!(p1.missing("img", &up, &data).await.unwrap().is_empty());
     // Objects left by an abandoned upload are unprotected, but once a "missing"
     // answer says the hub has them they are pinned for this upload.
     let orphan_up = p1.begin_upload("img").await.unwrap();
@@ -501,6 +500,11 @@ async fn hub_gc_never_takes_an_upload_in_progress() {
     // The rest of the push goes through the same upload's protection; then gc races
     // whole pushes.
     p1.abort_upload("img", &up).await.unwrap();
+    // Ended, the upload indexed what it received: nothing was lost to gc.
+    let hub_store = env.hub_store();
+    for id in &data {
+        assert!(hub_store.locate(id).unwrap().is_some(), "gc took {id}");
+    }
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let gc_path = env.path("hub/store");
     let stop2 = stop.clone();
