@@ -6,9 +6,9 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-use common::{bin, p, run_tool, strata_without_store};
+use common::{bin, describe, p, run_tool, strata_without_store};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -61,18 +61,9 @@ fn alive(pid: u32, dir: &Path) -> bool {
         .unwrap_or(false)
 }
 
-fn describe(args: &[&str], out: &Output) -> String {
-    format!(
-        "strata {args:?}: {}\n--- stdout\n{}\n--- stderr\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 fn ok(sandbox: &Path, args: &[&str]) -> String {
     let out = strata_without_store(sandbox, args);
-    assert!(out.status.success(), "{}", describe(args, &out));
+    assert!(out.status.success(), "{}", describe("strata", args, &out));
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -88,7 +79,7 @@ fn with_env(env: &Value, args: &[&str]) -> Value {
         .env_remove("STRATA_LOG")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", describe(&full, &out));
+    assert!(out.status.success(), "{}", describe("strata", &full, &out));
     serde_json::from_slice(&out.stdout).unwrap()
 }
 

@@ -20,18 +20,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::{bin, p, spawn_announcing, text_bytes, Rng};
+use super::{bin, describe, p, spawn_announcing, text_bytes, Rng};
 
 pub const MIB: u64 = 1 << 20;
-
-fn describe(args: &[&str], out: &Output) -> String {
-    format!(
-        "strata {args:?}: {}\n--- stdout\n{}\n--- stderr\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 /// A `strata` command, inside network namespace `ns` when given. No store or hub
 /// comes from the environment of whoever runs the tests.
@@ -62,7 +53,7 @@ pub fn strata_in(ns: Option<&str>, store: Option<&Path>, args: &[&str]) -> Outpu
 
 pub fn ok_in(ns: Option<&str>, store: Option<&Path>, args: &[&str]) -> String {
     let out = strata_in(ns, store, args);
-    assert!(out.status.success(), "{}", describe(args, &out));
+    assert!(out.status.success(), "{}", describe("strata", args, &out));
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -79,7 +70,7 @@ pub fn fails_in(ns: Option<&str>, store: Option<&Path>, args: &[&str]) -> String
     assert!(
         !out.status.success() && out.status.code() != Some(101),
         "expected a clean failure: {}",
-        describe(args, &out)
+        describe("strata", args, &out)
     );
     String::from_utf8_lossy(&out.stderr).into_owned()
 }

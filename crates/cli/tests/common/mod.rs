@@ -35,7 +35,8 @@ pub fn p(path: &Path) -> &str {
     path.to_str().expect("test paths are UTF-8")
 }
 
-fn describe(program: &str, args: &[&str], out: &Output) -> String {
+/// What `program ARGS` did: its exit status and both outputs, for a failure message.
+pub fn describe(program: &str, args: &[&str], out: &Output) -> String {
     format!(
         "{program} {args:?}: {}\n--- stdout\n{}\n--- stderr\n{}",
         out.status,
