@@ -29,15 +29,7 @@ fn desktop_story_offline_update_transfer_and_recovery() {
     make_raw(&gold, 32 * MIB, &[(0, 12 * MIB), (20 * MIB, 4 * MIB)], 1);
     env.publish(&gold, "gold");
     env.operator_json(&["channel", "publish", "gold@main", "win/production"]);
-    let d = env.operator_json(&[
-        "desktop",
-        "create",
-        "d1",
-        "--channel",
-        "win/production",
-        "--size",
-        "16M",
-    ]);
+    let d = env.create_desktop("d1", "win/production", "16M");
     assert_eq!(d["user_image"], "desktops/d1/user");
 
     // Point A, through a proxy that counts its bytes: agent with a long sync
@@ -272,15 +264,7 @@ fn operator_commands_channels_and_restore() {
     );
     assert!(err.contains("#3"), "{err}");
 
-    env.operator_json(&[
-        "desktop",
-        "create",
-        "d1",
-        "--channel",
-        "win/production",
-        "--size",
-        "4M",
-    ]);
+    env.create_desktop("d1", "win/production", "4M");
     let a = env.point("a", &hub.url());
     let sock = env.path("a.sock");
     let agent = Agent::spawn(None, &a, &sock, "1h", &[]);

@@ -58,15 +58,7 @@ impl Desk {
         make_raw(&gold, 8 * MIB, &[(0, 4 * MIB), (6 * MIB, MIB)], 7);
         env.publish(&gold, "gold");
         env.operator_json(&["channel", "publish", "gold@main", "win/production"]);
-        env.operator_json(&[
-            "desktop",
-            "create",
-            "d1",
-            "--channel",
-            "win/production",
-            "--size",
-            "4M",
-        ]);
+        env.create_desktop("d1", "win/production", "4M");
         let a = env.point("a", &url_of(&hub));
         let sock_a = env.path("a.sock");
         let agent_a = Agent::spawn(None, &a, &sock_a, "1h", &[]);
@@ -96,6 +88,18 @@ impl Desk {
 
     fn show(&self) -> Value {
         self.env.operator_json(&["desktop", "show", "d1"])
+    }
+
+    /// No hub serve had to keep its changes on a `recovery/hub-` branch.
+    fn assert_no_hub_recovery(&self) {
+        let branches = json(
+            Some(&self.env.hub_store()),
+            &["branch", "ls", "desktops/d1/user"],
+        );
+        assert!(
+            !branches.to_string().contains("recovery/hub-"),
+            "{branches:#}"
+        );
     }
 }
 
@@ -377,14 +381,7 @@ fn the_hub_serves_a_lost_desktop_writable_and_hands_it_on() {
     // Nothing of the serve is left in the hub's store but the new version.
     let sessions = json(Some(&d.env.hub_store()), &["session", "ls"]);
     assert_eq!(sessions.as_array().unwrap().len(), 0, "{sessions:#}");
-    let branches = json(
-        Some(&d.env.hub_store()),
-        &["branch", "ls", "desktops/d1/user"],
-    );
-    assert!(
-        !branches.to_string().contains("recovery/hub-"),
-        "{branches:#}"
-    );
+    d.assert_no_hub_recovery();
 
     // Hand it to a new point: no --force needed; it runs what the hub served.
     let b = d.env.point("b", &d.hub.url());
@@ -530,14 +527,7 @@ fn a_killed_hub_serve_loses_nothing() {
     assert_eq!(ann["user_version"], v.as_str());
     assert_eq!(d.show()["user_version"], v.as_str());
     qemu_io_assert(&user, &["read -P 0x61 2M 64k"]);
-    let branches = json(
-        Some(&d.env.hub_store()),
-        &["branch", "ls", "desktops/d1/user"],
-    );
-    assert!(
-        !branches.to_string().contains("recovery/hub-"),
-        "{branches:#}"
-    );
+    d.assert_no_hub_recovery();
     common::run_tool("kill", &["-INT", &dc.id().to_string()]);
     let mut rest = String::new();
     dc.stdout.take().unwrap().read_to_string(&mut rest).unwrap();

@@ -460,6 +460,19 @@ impl Env {
         json_in(self.hub_ns.as_deref(), None, &self.operator_args(args, &d))
     }
 
+    /// `strata desktop create NAME --channel CHANNEL --size SIZE` (an empty user disk).
+    pub fn create_desktop(&self, name: &str, channel: &str, size: &str) -> Value {
+        self.operator_json(&[
+            "desktop",
+            "create",
+            name,
+            "--channel",
+            channel,
+            "--size",
+            size,
+        ])
+    }
+
     /// Enrol a point called `name` whose store is `DIR/name`, talking to `url`.
     pub fn point(&self, name: &str, url: &str) -> PathBuf {
         self.point_with(name, url, &[])
