@@ -432,46 +432,45 @@ impl Point {
                     continue;
                 }
             }
+            // Why the hub refused this point the desktop: it was handed to another.
+            let mut lost = None;
             if let Some(d) = &desktop {
                 // Before the push: what is on its way (a long push over a slow link
                 // shows as pending bytes on the hub meanwhile).
                 match self.report_desktop(d).await {
                     Ok(()) => {}
-                    Err(PointError::Sync(SyncError::Forbidden(why))) => {
-                        let os = self
-                            .lose_desktop(d, &name, &s, committer, &why, &mut r)
-                            .await;
-                        report.sessions.push(r);
-                        report.sessions.extend(os);
-                        continue;
-                    }
+                    Err(PointError::Sync(SyncError::Forbidden(why))) => lost = Some(why),
                     // The push says whether the hub is reachable.
                     Err(e) => tracing::debug!(desktop = %d, error = %e, "could not report"),
                 }
             }
-            match self.push_session(&name, &s).await {
-                Ok((tip, pushed)) => {
-                    r.hub_tip = tip;
-                    r.pushed = pushed;
-                    if r.pushed.is_some() || r.committed.is_some() {
-                        held.extend(desktop.clone());
+            if lost.is_none() {
+                match self.push_session(&name, &s).await {
+                    Ok((tip, pushed)) => {
+                        r.hub_tip = tip;
+                        r.pushed = pushed;
+                        if r.pushed.is_some() || r.committed.is_some() {
+                            held.extend(desktop.clone());
+                        }
+                    }
+                    Err(PointError::Sync(SyncError::Forbidden(why))) if desktop.is_some() => {
+                        lost = Some(why)
+                    }
+                    Err(e) => {
+                        r.transient = e.is_transient();
+                        r.error = Some(e.to_string());
                     }
                 }
-                // A desktop handed to another point: keep this point's changes as a
-                // recovery version and stop syncing it (the caller stops serving it).
-                Err(PointError::Sync(SyncError::Forbidden(why))) if desktop.is_some() => {
-                    let d = desktop.as_deref().unwrap_or_default();
-                    let os = self
-                        .lose_desktop(d, &name, &s, committer, &why, &mut r)
-                        .await;
-                    report.sessions.push(r);
-                    report.sessions.extend(os);
-                    continue;
-                }
-                Err(e) => {
-                    r.transient = e.is_transient();
-                    r.error = Some(e.to_string());
-                }
+            }
+            // A desktop handed to another point: keep this point's changes as a
+            // recovery version and stop syncing it (the caller stops serving it).
+            if let (Some(why), Some(d)) = (lost, desktop.as_deref()) {
+                let os = self
+                    .lose_desktop(d, &name, &s, committer, &why, &mut r)
+                    .await;
+                report.sessions.push(r);
+                report.sessions.extend(os);
+                continue;
             }
             report.sessions.push(r);
         }
