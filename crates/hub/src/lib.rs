@@ -360,14 +360,17 @@ async fn gc_every(hub: Arc<Hub>, dir: PathBuf, every: Duration) {
         wait = every;
         let (h, d) = (hub.clone(), dir.clone());
         match tokio::task::spawn_blocking(move || gc::gc(&d, &h.store, &mut |_| {})).await {
-            Ok(Ok(r)) => tracing::info!(
-                deleted_versions = r.store.deleted_versions,
-                deleted_objects = r.store.deleted_objects,
-                bytes_before = r.store.bytes_before,
-                bytes_after = r.store.bytes_after,
-                page_indexes_removed = r.page_indexes_removed,
-                "gc done"
-            ),
+            Ok(Ok(r)) => {
+                hub.pages.forget_removed();
+                tracing::info!(
+                    deleted_versions = r.store.deleted_versions,
+                    deleted_objects = r.store.deleted_objects,
+                    bytes_before = r.store.bytes_before,
+                    bytes_after = r.store.bytes_after,
+                    page_indexes_removed = r.page_indexes_removed,
+                    "gc done"
+                )
+            }
             Ok(Err(strata_store::StoreError::GcBusy)) => {
                 tracing::info!("another gc is running; this round is skipped")
             }

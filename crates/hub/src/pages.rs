@@ -169,29 +169,31 @@ impl PageIndexes {
 
     /// Keep the newest [`KEEP`] index files (never `keep`, just built).
     fn prune(&self, keep: &VersionId) {
-        let Ok(rd) = std::fs::read_dir(&self.dir) else {
-            return;
+        let files: Vec<(std::time::SystemTime, PathBuf)> = match std::fs::read_dir(&self.dir) {
+            Ok(rd) => rd
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".idx"))
+                .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+                .collect(),
+            Err(_) => Vec::new(),
         };
-        let mut files: Vec<(std::time::SystemTime, PathBuf)> = rd
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().ends_with(".idx"))
-            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
-            .collect();
-        if files.len() <= KEEP {
-            return;
-        }
-        files.sort();
-        let excess = files.len() - KEEP;
-        for (_, p) in files.into_iter().take(excess) {
-            if p == self.path(keep) {
-                continue;
-            }
-            let _ = std::fs::remove_file(&p);
-            let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned());
-            if let Some(vid) = stem.and_then(|s| VersionId::from_hex(&s)) {
-                lock(&self.slots).remove(&vid);
+        if files.len() > KEEP {
+            let mut files = files;
+            files.sort();
+            let excess = files.len() - KEEP;
+            for (_, p) in files.into_iter().take(excess) {
+                if p != self.path(keep) {
+                    let _ = std::fs::remove_file(&p);
+                }
             }
         }
+        self.forget_removed();
+    }
+
+    /// Drop the loaded indexes whose files are gone (pruned here, or removed by a
+    /// gc, the hub's own or `strata hub gc`), so that memory follows the files.
+    pub fn forget_removed(&self) {
+        lock(&self.slots).retain(|vid, s| !matches!(s, Slot::Ready(_)) || self.path(vid).exists());
     }
 }
 
